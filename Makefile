@@ -17,7 +17,7 @@ $(VENV_STAMP): settings.ini setup.py pyproject.toml
 	touch $(VENV_STAMP)
 
 run: venv
-	$(PY) -m vitsd_nbdev.demo
+	.venv/bin/vitsd-demo
 
 sync-check: venv
 	$(PY) -c "from nbdev.doclinks import nbdev_export; nbdev_export()"

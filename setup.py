@@ -13,10 +13,9 @@ cfg = ConfigParser(delimiters=["="])
 cfg.read(here / "settings.ini", encoding="utf-8")
 cfg = cfg["DEFAULT"]
 
-licenses = {"apache2": ("Apache-2.0", "License :: OSI Approved :: Apache Software License")}
+licenses = {"apache2": "Apache-2.0"}  # settings.ini name -> SPDX expression
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
 py_versions = ["3.10", "3.11", "3.12", "3.13"]
-license_name, license_classifier = licenses[cfg["license"]]
 min_python = cfg["min_python"]
 
 setuptools.setup(
@@ -27,14 +26,14 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     author=cfg["author"],
     author_email=cfg["author_email"],
-    license=license_name,
+    license=licenses[cfg["license"]],
+    license_files=["LICENSE"],
     keywords=cfg["keywords"].split(),
     url=cfg["git_url"],
     project_urls={"Documentation": cfg["doc_host"] + cfg["doc_baseurl"], "Source": cfg["git_url"]},
     classifiers=[
         "Development Status :: " + statuses[int(cfg["status"]) - 1],
         "Intended Audience :: " + cfg["audience"],
-        license_classifier,
         "Natural Language :: " + cfg["language"],
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ] + ["Programming Language :: Python :: " + v for v in py_versions[py_versions.index(min_python):]],
