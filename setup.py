@@ -26,7 +26,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     author=cfg["author"],
     author_email=cfg["author_email"],
-    license=licenses[cfg["license"]],
+    license_expression=licenses[cfg["license"]],
     license_files=["LICENSE"],
     keywords=cfg["keywords"].split(),
     url=cfg["git_url"],

@@ -1,0 +1,117 @@
+"""Release readiness: the built wheel installs into a clean virtual environment with only its runtime
+dependencies, and works there.
+
+The clean environment reuses the runtime dependencies already installed in this environment (torch is
+several GB) by linking just those distributions into a folder that the new venv sees through a .pth
+file; nothing else of this environment (nbdev, pytest, jupyterlab, Sphinx, ...) is visible there, and pip
+(this environment's, run for the new interpreter) installs the wheel with --no-index, so a missing runtime
+requirement fails instead of downloading.
+"""
+import os
+import subprocess
+import sys
+from configparser import ConfigParser
+from email.parser import Parser
+from importlib.metadata import distribution
+from pathlib import Path
+from zipfile import ZipFile
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ConfigParser(delimiters=["="]); CFG.read(ROOT / "settings.ini")
+CFG = CFG["DEFAULT"]
+DEV_ONLY = ["nbdev", "execnb", "ghapi", "jupyterlab", "ipykernel", "pytest", "sphinx", "myst_nb", "furo", "build"]
+
+
+def runtime_closure(requirements):
+    "Installed distributions needed by `requirements`, recursively (extras and markers respected)."
+    found, done, todo = {}, set(), [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        for extra in {""} | req.extras:          # e.g. torch needs cuda-toolkit[cublas,...]
+            if (name, extra) in done: continue
+            done.add((name, extra))
+            found[name] = dist = distribution(req.name)
+            for r in map(Requirement, dist.requires or []):
+                if r.marker is None or r.marker.evaluate({"extra": extra}): todo.append(r)
+    return found
+
+
+def link_runtime_site(dists, dest: Path):
+    "Symlink the top-level files and folders of each distribution into dest."
+    dest.mkdir()
+    for dist in dists.values():
+        site = Path(dist.locate_file(""))
+        for f in dist.files or []:
+            top = f.parts[0]
+            if top == ".." or (dest / top).exists(): continue
+            if (site / top).exists(): (dest / top).symlink_to(site / top)
+
+
+def run(*args, **kw):
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kw)
+    assert r.returncode == 0, f"{' '.join(map(str, args))} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    "Build the sdist and the wheel with the standard front end (python -m build)."
+    out = tmp_path_factory.mktemp("dist")
+    run(sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", out, ROOT)
+    return next(out.glob("*.whl")), next(out.glob("*.tar.gz"))
+
+
+@pytest.fixture(scope="module")
+def clean_env(built, tmp_path_factory):
+    "A fresh venv that sees only the runtime dependencies, with the wheel installed into it."
+    tmp = tmp_path_factory.mktemp("clean")
+    link_runtime_site(runtime_closure(CFG["requirements"].split()), tmp / "runtime")
+    run(getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", tmp / "venv")
+    py = tmp / "venv" / "bin" / "python"
+    site = Path(run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
+    (site / "runtime_deps.pth").write_text(str(tmp / "runtime") + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    run(sys.executable, "-m", "pip", "--python", py, "install", "--no-index", "--quiet", built[0], env=env)
+    return py, env
+
+
+def test_wheel_metadata(built):
+    wheel, sdist = built
+    with ZipFile(wheel) as z:
+        meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
+        assert any(n.endswith("licenses/LICENSE") for n in z.namelist())
+    assert meta["Name"] == "vitsd-nbdev" and meta["Version"] == CFG["version"]
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta["Requires-Python"] == ">=" + CFG["min_python"]
+    assert {u.split(",")[0] for u in meta.get_all("Project-URL")} >= {"Documentation", "Source"}
+    assert "vision-transformer" in meta["Keywords"]
+    assert any(c.startswith("Programming Language :: Python :: 3.1") for c in meta.get_all("Classifier"))
+    requires = [Requirement(r) for r in meta.get_all("Requires-Dist")]
+    runtime = {canonicalize_name(r.name) for r in requires if r.marker is None}
+    assert "torch" in runtime and not runtime & {canonicalize_name(n) for n in DEV_ONLY}
+    assert sdist.name == f"vitsd_nbdev-{CFG['version']}.tar.gz"
+
+
+def test_installed_wheel_works_without_dev_tools(clean_env, tmp_path):
+    py, env = clean_env
+    code = f"""
+import importlib, pkgutil, torch, vitsd_nbdev
+assert vitsd_nbdev.__version__ == {CFG['version']!r}, vitsd_nbdev.__version__
+assert 'site-packages' in vitsd_nbdev.__file__, vitsd_nbdev.__file__   # the wheel, not the source tree
+for m in pkgutil.walk_packages(vitsd_nbdev.__path__, 'vitsd_nbdev.'): importlib.import_module(m.name)
+from vitsd_nbdev.vit import create_model
+print(tuple(create_model('sl_vit', num_classes=3, image_size=16, preset='tiny')(torch.zeros(2, 3, 16, 16)).shape))
+for dev in {DEV_ONLY!r}:
+    assert importlib.util.find_spec(dev) is None, dev + ' is visible in the clean environment'
+"""
+    assert run(py, "-c", code, cwd=tmp_path, env=env).strip().endswith("(2, 3)")
+    scripts = [s.split("=")[0] for s in CFG["console_scripts"].split()]
+    for script in scripts:
+        assert "usage:" in run(py.parent / script, "--help", cwd=tmp_path, env=env)
+    shown = run(sys.executable, "-m", "pip", "--python", py, "show", "vitsd-nbdev", env=env)
+    assert f"Version: {CFG['version']}" in shown and "License-Expression: Apache-2.0" in shown
