@@ -1,0 +1,129 @@
+"""Checks of the built documentation site in docs/ (build it with `make docs`).
+
+Skipped when docs/ has not been built, unless VITSD_REQUIRE_DOCS=1 (as `make test` sets).
+"""
+import importlib, inspect, os, re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from bs4 import BeautifulSoup
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS, NBS = ROOT / "docs", ROOT / "nbs"
+LIB = "vitsd_nbdev"
+EXTERNAL = re.compile(r"^([a-z][a-z0-9+.-]*:|//)", re.I)  # http:, mailto:, data:, //host ...
+NO_MATH = ("script", "style", "pre", "code", "textarea")  # where TeX-looking text is fine
+
+
+@pytest.fixture(scope="module")
+def pages():
+    "Every HTML page of the site, parsed: {'patches.html': soup}."
+    if not (DOCS / "index.html").exists():
+        msg = "docs/ is not built: run `make docs`"
+        if os.environ.get("VITSD_REQUIRE_DOCS") == "1": pytest.fail(msg)
+        pytest.skip(msg)
+    return {p.name: BeautifulSoup(p.read_text(encoding="utf-8"), "html.parser") for p in DOCS.glob("*.html")}
+
+
+def notebook_pages():
+    "nbs/ notebooks -> the page nbdev names for each (01_patches.ipynb -> patches.html)."
+    nbs = sorted(p.name for p in NBS.glob("*.ipynb") if not p.name.startswith("_"))
+    return {nb: re.sub(r"^\d+[a-zA-Z0-9]*_", "", nb.lower())[:-6] + ".html" for nb in nbs}
+
+
+def chapter_key(nb):
+    m = re.match(r"\d+", nb)
+    return (int(m.group()) if m else float("inf"), nb)
+
+
+def exported_symbols():
+    "{'vitsd_nbdev.patches.patchify': object} for every symbol in _modidx.py."
+    try: syms = importlib.import_module(f"{LIB}._modidx").d["syms"]
+    except ModuleNotFoundError: pytest.skip("the library exports nothing yet (no _modidx.py)")
+    res = {}
+    for mod, entries in syms.items():
+        for nm in entries:
+            obj = importlib.import_module(mod)
+            for part in nm[len(mod) + 1:].split("."): obj = getattr(obj, part)
+            res[nm] = obj
+    return res
+
+
+def norm(s):
+    "Letters and digits only, markdown links reduced to their text: compares docstrings with page text."
+    return re.sub(r"[^0-9a-z]+", "", re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", s or "").lower())
+
+
+def test_page_for_every_notebook(pages):
+    for nb, page in notebook_pages().items():
+        assert page in pages, f"no page {page} for nbs/{nb}"
+        assert pages[page].find("h1"), f"{page} has no title: start nbs/{nb} with a `# Title` markdown cell"
+    assert "api.html" in pages
+
+
+def test_sidebar_lists_chapters_in_order(pages):
+    nbs = notebook_pages()
+    want = [nbs[nb] for nb in sorted(nbs, key=chapter_key) if nb != "index.ipynb"] + ["api.html"]
+    got = [a["href"] for a in pages["index.html"].select(".sidebar-tree a.reference.internal")]
+    assert got == want, ("sidebar entries differ from the notebooks in numeric order: each notebook needs "
+                         "exactly one `# Title` (H1); use `##` and below for its sections")
+
+
+def test_every_export_has_api_entry(pages):
+    api = pages["api.html"]
+    for nm, obj in exported_symbols().items():
+        anchor = api.find(id=nm)
+        assert anchor, f"{nm} is missing from the API page"
+        entry = norm(anchor.find_next("section").get_text())  # the show_doc heading's section
+        folded = nm.endswith(".__init__") and obj.__doc__ is None  # undocumented __init__: its class's entry
+        assert norm(nm.split(".")[-2 if folded else -1]) in entry, f"{nm}: anchor is not on its entry"
+        own_doc = inspect.cleandoc(obj.__doc__) if obj.__doc__ else ""
+        assert norm(own_doc) in entry, f"docstring of {nm} missing from its API entry"
+        from fastcore.docments import docments
+        try: params = docments(obj, full=False)
+        except (TypeError, ValueError): params = {}  # no signature (e.g. some builtins)
+        for p, doc in params.items():
+            assert not doc or norm(doc) in entry, f"parameter doc of {nm}({p}) missing from its API entry"
+
+
+def test_math_is_rendered_by_local_mathjax(pages):
+    tex = re.compile(r"(?<!\\)\$\$?[^$\s][^$]*?\$|\\(mathcal|mathbb|frac|begin)\b")
+    for name, soup in pages.items():
+        for s in soup.find_all(string=tex):
+            if not s.find_parent(NO_MATH) and not s.find_parent(class_="math"):
+                pytest.fail(f"{name}: unrendered TeX outside a MathJax container: {s.strip()[:120]!r}")
+    scripts = [(name, s["src"]) for name, soup in pages.items() for s in soup.find_all("script", src=True)]
+    assert not [x for x in scripts if EXTERNAL.match(x[1])], "scripts must load from docs/, not the network"
+    styles = [(name, s["href"]) for name, soup in pages.items() for s in soup.find_all("link", rel="stylesheet")]
+    assert not [x for x in styles if EXTERNAL.match(x[1])], "stylesheets must load from docs/, not the network"
+    math_pages = [name for name, soup in pages.items() if soup.find(class_="math")]
+    for name in math_pages:
+        srcs = [s["src"] for s in pages[name].find_all("script", src=True) if "mathjax" in s["src"].lower()]
+        assert srcs and all((DOCS / urlsplit(s).path).is_file() for s in srcs), f"{name}: MathJax not loaded"
+
+
+def test_internal_links_resolve(pages):
+    for name, soup in pages.items():
+        for tag in soup.find_all(["a", "link", "img", "script", "source"]):
+            url = tag.get("href") or tag.get("src")
+            if not url or EXTERNAL.match(url): continue
+            parts = urlsplit(url)
+            target = (DOCS / name).parent / unquote(parts.path) if parts.path else DOCS / name
+            assert target.is_file(), f"{name}: broken link {url!r}"
+            page = pages.get(target.name) if target.parent == DOCS else None
+            if parts.fragment and page is not None:
+                assert page.find(id=unquote(parts.fragment)), f"{name}: link {url!r} to a missing anchor"
+
+
+def test_images_exist(pages):
+    imgs = [(name, img["src"]) for name, soup in pages.items() for img in soup.find_all("img", src=True)]
+    for name, src in imgs:
+        if not src.startswith("data:"):
+            assert not EXTERNAL.match(src) and (DOCS / unquote(urlsplit(src).path)).is_file(), f"{name}: image {src}"
+
+
+def test_search(pages):
+    assert "search.html" in pages
+    index = (DOCS / "searchindex.js").read_text(encoding="utf-8")
+    for page in notebook_pages().values(): assert f'"{page[:-5]}"' in index, f"{page} is not in the search index"

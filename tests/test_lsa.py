@@ -1,0 +1,233 @@
+"Locality Self-Attention (chapter 4): fused path vs an explicit reference, mask, temperature, precision, bad input."
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from vitsd_nbdev.lsa import (LocalitySelfAttention, SelfAttention, attention, attention_entropy,
+                             attention_weights, locality_attention)
+
+
+def reference(q, k, v, temperature=None, diag_mask=False):
+    "Explicit softmax(q kᵀ / τ) v with the diagonal set to -inf when masked."
+    tau = math.sqrt(q.shape[-1]) if temperature is None else temperature
+    tau = torch.as_tensor(tau, dtype=q.dtype).reshape(-1, 1, 1)
+    logits = (q @ k.transpose(-2, -1)) / tau
+    if diag_mask:
+        logits = logits.masked_fill(torch.eye(q.shape[-2], dtype=torch.bool), float("-inf"))
+    return logits.softmax(-1) @ v
+
+
+def reference_module(m, x):
+    "SelfAttention's forward written out with `reference`."
+    B, N, _ = x.shape
+    q, k, v = (x @ m.qkv.weight.T).reshape(B, N, 3, m.heads, m.head_dim).permute(2, 0, 3, 1, 4)
+    o = reference(q, k, v, m.temperature, m.diag_mask)
+    return o.transpose(1, 2).reshape(B, N, -1) @ m.proj.weight.T + m.proj.bias
+
+
+def qkv(B=2, heads=4, N=9, d=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, heads, N, d, generator=g, dtype=dtype) for _ in range(3)]
+
+
+TAUS = [None, torch.tensor([0.5, 1.0, 2.0, 4.0])]
+
+
+@pytest.mark.parametrize("dtype,eps", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("diag_mask", [False, True])
+@pytest.mark.parametrize("tau", TAUS)
+def test_locality_attention_matches_reference(dtype, eps, diag_mask, tau):
+    q, k, v = qkv(dtype=dtype)
+    t = math.sqrt(q.shape[-1]) if tau is None else tau.to(dtype)
+    out = locality_attention(q, k, v, t, diag_mask)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, reference(q, k, v, t, diag_mask), atol=eps, rtol=0)
+
+
+def test_standard_attention_and_the_unmasked_sqrt_dk_case_agree():
+    q, k, v = qkv()
+    torch.testing.assert_close(attention(q, k, v), reference(q, k, v), atol=1e-5, rtol=0)
+    torch.testing.assert_close(locality_attention(q, k, v, math.sqrt(8), diag_mask=False), attention(q, k, v), atol=1e-6, rtol=0)
+    torch.testing.assert_close(locality_attention(q, k, v, torch.tensor(math.sqrt(8)), diag_mask=False), attention(q, k, v), atol=1e-6, rtol=0)
+
+
+def test_masked_call_runs_on_the_fused_cpu_kernel():
+    q, k, v = qkv()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # only the fused kernel allowed: no fallback to the math path
+        out = locality_attention(q, k, v, TAUS[1])
+    torch.testing.assert_close(out, reference(q, k, v, TAUS[1], True), atol=1e-5, rtol=0)
+
+
+def test_diagonal_gets_exactly_zero_weight():
+    q, k, v = qkv()
+    w = attention_weights(q, k, TAUS[1], diag_mask=True)
+    assert w.diagonal(dim1=-2, dim2=-1).abs().max().item() == 0.0
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+    assert (attention_weights(q, k).diagonal(dim1=-2, dim2=-1) > 0).all()
+    # the output of row i ignores v_i entirely, and depends on every other v_j
+    v2 = v.clone()
+    v2[:, :, 4] += 100.0
+    out, out2 = locality_attention(q, k, v, 2.0), locality_attention(q, k, v2, 2.0)
+    assert torch.equal(out[:, :, 4], out2[:, :, 4])
+    assert (out[:, :, :4] != out2[:, :, :4]).all()
+
+
+def test_attention_weights_temperature_per_head_and_default():
+    q, k, v = qkv()
+    torch.testing.assert_close(attention_weights(q, k) @ v, reference(q, k, v), atol=1e-5, rtol=0)
+    torch.testing.assert_close(attention_weights(q, k, TAUS[1]) @ v, reference(q, k, v, TAUS[1]), atol=1e-5, rtol=0)
+    # a lower temperature gives a sharper (lower-entropy) distribution, head by head
+    h_hot = attention_entropy(attention_weights(q, k, 8.0)).mean((0, 2))
+    h_cold = attention_entropy(attention_weights(q, k, 0.5)).mean((0, 2))
+    assert (h_cold < h_hot).all()
+
+
+def test_entropy_ends():
+    assert torch.equal(attention_entropy(torch.eye(6)), torch.zeros(6))
+    torch.testing.assert_close(attention_entropy(torch.full((2, 3, 65), 1 / 65)), torch.full((2, 3), math.log(65)))
+    assert attention_entropy(torch.rand(2, 3, 4, 5).softmax(-1)).shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("dtype,tol_kernel,tol_total", [(torch.float16, 2e-3, 1e-2), (torch.bfloat16, 2e-2, 1e-1)])
+def test_half_precision_is_finite_and_close(dtype, tol_kernel, tol_total):
+    q, k, v = qkv()
+    tau = TAUS[1]  # float32, like a learned parameter
+    qh, kh, vh = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = locality_attention(qh, kh, vh, tau)
+    assert out.dtype == dtype and out.isfinite().all()
+    torch.testing.assert_close(out.float(), locality_attention(qh.float(), kh.float(), vh.float(), tau), atol=tol_kernel, rtol=0)
+    torch.testing.assert_close(out.float(), locality_attention(q, k, v, tau), atol=tol_total, rtol=0)
+    w = attention_weights(qh, kh, tau, diag_mask=True)
+    assert w.dtype == dtype and w.isfinite().all() and (w.diagonal(dim1=-2, dim2=-1) == 0).all()
+
+
+@pytest.mark.parametrize("diag_mask", [False, True])
+@pytest.mark.parametrize("learned", [False, True])
+def test_module_matches_reference_for_all_four_variants(diag_mask, learned):
+    torch.manual_seed(0)
+    m = SelfAttention(32, heads=4, head_dim=8, diag_mask=diag_mask, learned_temperature=learned)
+    if learned:
+        with torch.no_grad():
+            m.temperature.copy_(torch.tensor([0.7, 1.5, 2.8, 5.0]))
+    x = torch.randn(2, 10, 32)
+    torch.testing.assert_close(m(x), reference_module(m, x), atol=1e-5, rtol=0)
+    m64, x64 = m.double(), x.double()
+    torch.testing.assert_close(m64(x64), reference_module(m64, x64), atol=1e-12, rtol=0)
+
+
+def test_defaults_and_temperature_parameter():
+    lsa = LocalitySelfAttention(32, 4, 8)
+    assert lsa.diag_mask and isinstance(lsa.temperature, nn.Parameter)
+    assert torch.equal(lsa.temperature.detach(), torch.full((4,), math.sqrt(8)))
+    sa = SelfAttention(32, 4, 8)
+    assert not sa.diag_mask and sa.temperature is None
+    assert sa.qkv.bias is None and sa.qkv.weight.shape == (3 * 4 * 8, 32) and sa.proj.weight.shape == (32, 4 * 8)
+    assert sum(p.numel() for p in lsa.parameters()) - sum(p.numel() for p in sa.parameters()) == 4
+    assert "temperature" in dict(lsa.named_parameters()) and "temperature" not in dict(sa.named_parameters())
+
+
+def test_without_lsa_options_it_is_torch_multihead_attention():
+    torch.manual_seed(0)
+    sa = SelfAttention(48, heads=6, head_dim=8)
+    mha = nn.MultiheadAttention(48, 6, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(sa.qkv.weight)
+        mha.in_proj_bias.zero_()
+        mha.out_proj.weight.copy_(sa.proj.weight)
+        mha.out_proj.bias.copy_(sa.proj.bias)
+    x = torch.randn(3, 17, 48)
+    out, w = sa(x, return_weights=True)
+    out_mha, w_mha = mha(x, x, x, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(out, out_mha, atol=1e-5, rtol=0)
+    torch.testing.assert_close(w, w_mha, atol=1e-6, rtol=0)
+    # a learned temperature at its initial value changes nothing
+    t_only = SelfAttention(48, 6, 8, learned_temperature=True)
+    t_only.load_state_dict(sa.state_dict(), strict=False)
+    torch.testing.assert_close(t_only(x), out, atol=1e-5, rtol=0)
+
+
+def test_return_weights_are_the_ones_used():
+    torch.manual_seed(0)
+    m = LocalitySelfAttention(32, 4, 8)
+    x = torch.randn(2, 10, 32)
+    out, w = m(x, return_weights=True)
+    assert w.shape == (2, 4, 10, 10) and (w.diagonal(dim1=-2, dim2=-1) == 0).all()
+    torch.testing.assert_close(out, m(x))
+    v = (x @ m.qkv.weight.T).reshape(2, 10, 3, 4, 8)[:, :, 2].transpose(1, 2)
+    torch.testing.assert_close(m.proj((w @ v).transpose(1, 2).reshape(2, 10, 32)), out, atol=1e-5, rtol=0)
+
+
+def test_gradient_reaches_the_temperature_and_matches_reference():
+    torch.manual_seed(0)
+    m = LocalitySelfAttention(32, 4, 8)
+    x = torch.randn(2, 10, 32)
+    m(x).square().mean().backward()
+    g = m.temperature.grad.clone()
+    m.zero_grad()
+    reference_module(m, x).square().mean().backward()
+    assert (g != 0).all()
+    torch.testing.assert_close(g, m.temperature.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_autocast_bfloat16_cpu():
+    torch.manual_seed(0)
+    m = LocalitySelfAttention(32, 4, 8)
+    x = torch.randn(2, 10, 32)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        _, w = m(x, return_weights=True)
+    assert out.dtype == torch.bfloat16 and out.isfinite().all() and w.isfinite().all()
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=0)
+    out.float().square().mean().backward()
+    assert m.temperature.grad.dtype == torch.float32 and m.temperature.grad.isfinite().all() and (m.temperature.grad != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_module_in_half_precision(dtype):
+    torch.manual_seed(0)
+    m = LocalitySelfAttention(32, 4, 8)
+    x = torch.randn(2, 10, 32)
+    ref = m(x)
+    out = m.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype and out.isfinite().all()
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=0)
+
+
+def one_line_value_error(fn, match):
+    with pytest.raises(ValueError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+
+
+def test_bad_input_is_a_one_line_value_error():
+    q, k, v = qkv()
+    one_line_value_error(lambda: attention(q[0], k[0], v[0]), r"\[B, heads, N, head_dim\]")
+    one_line_value_error(lambda: locality_attention(q, k[:, :, :5], v, 2.0), "same shape")
+    one_line_value_error(lambda: locality_attention(q, k, v[:, :3], 2.0), "same shape")
+    one_line_value_error(lambda: locality_attention(q, k, v.double(), 2.0), "dtype")
+    one_line_value_error(lambda: locality_attention(q, k, v, torch.ones(3)), r"one entry per head \(4\)")
+    one_line_value_error(lambda: locality_attention(q, k, v, torch.ones(4, 1)), r"one entry per head \(4\)")
+    one_line_value_error(lambda: locality_attention(q, k, v, 0.0), "positive")
+    one_line_value_error(lambda: attention_weights(q, k, torch.ones(5)), r"one entry per head \(4\)")
+    one_line_value_error(lambda: attention_entropy(torch.tensor(1.0)), r"\[\.\.\., N\]")
+
+
+def test_single_token_with_mask_is_refused_not_nan():
+    q, k, v = qkv(N=1)
+    one_line_value_error(lambda: locality_attention(q, k, v, 2.0), "at least 2 tokens")
+    one_line_value_error(lambda: attention_weights(q, k, diag_mask=True), "at least 2 tokens")
+    one_line_value_error(lambda: LocalitySelfAttention(8, 4, 8)(torch.randn(2, 1, 8)), "at least 2 tokens")
+    assert torch.equal(locality_attention(q, k, v, 2.0, diag_mask=False), v)  # one token without the mask: itself
+    # two tokens: each must attend entirely to the other
+    q, k, v = qkv(N=2)
+    assert torch.equal(locality_attention(q, k, v, 2.0), v.flip(-2))
+
+
+def test_module_rejects_wrong_token_shape():
+    m = LocalitySelfAttention(32, 4, 8)
+    one_line_value_error(lambda: m(torch.randn(2, 10, 16)), r"\[B, N, 32\]")
+    one_line_value_error(lambda: m(torch.randn(10, 32)), r"\[B, N, 32\]")
