@@ -1,5 +1,5 @@
 # The project's commands. Each sets up .venv itself (idempotent, quick when already set up).
-#   make run    the main job: a short end-to-end run of the library on CPU, offline
+#   make run    the main job: train ViT and SL-ViT on the embedded digits data (CPU, offline, ~1 min)
 #   make test   every check (what CI runs): library in sync, notebooks clean, nbdev_test, pytest, docs
 #   make docs   build the documentation site into docs/ (offline; no Quarto needed)
 #   make lab    open JupyterLab on nbs/ with the project's virtual environment as kernel
@@ -38,6 +38,7 @@ docs: venv
 	$(PY) tools/build_docs.py
 
 test: sync-check clean-check nbtest docs
+	@git diff --exit-code --stat -- README.md || { echo "FAIL: README.md differs from what nbs/index.ipynb generates: run make docs and commit README.md"; exit 1; }
 	VITSD_REQUIRE_DOCS=1 $(PY) -m pytest tests
 
 lab: venv

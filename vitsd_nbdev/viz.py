@@ -12,7 +12,7 @@ import torchvision.transforms.v2.functional as TF
 from matplotlib import cbook
 
 # %% auto #0
-__all__ = ['sample_image', 'show_image', 'show_images', 'show_patch_grid', 'show_heatmap']
+__all__ = ['sample_image', 'show_image', 'show_images', 'show_patch_grid', 'show_heatmap', 'plot_learning_curves']
 
 # %% ../nbs/11_viz.ipynb #2c2a3203
 def sample_image(
@@ -96,3 +96,21 @@ def show_heatmap(
     scaled = heat / heat.max() if heat.max() > 0 else heat
     ax.imshow(np.ma.masked_where(heat.numpy() == 0, scaled.numpy()), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
     return ax
+
+# %% ../nbs/11_viz.ipynb #73754300
+def plot_learning_curves(
+    histories: dict,   # run name -> list of per-epoch dicts with epoch, train_loss, test_loss, test_acc
+    size: float = 3.2, # height in inches
+) -> plt.Figure:
+    "Loss (train solid, test dashed) and test accuracy per epoch, one colour per run."
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(2.6 * size, size))
+    for i, (name, hist) in enumerate(histories.items()):
+        ep = [h["epoch"] for h in hist]
+        c = f"C{i}"
+        ax_loss.plot(ep, [h["train_loss"] for h in hist], color=c, label=f"{name} train")
+        ax_loss.plot(ep, [h["test_loss"] for h in hist], color=c, ls="--", label=f"{name} test")
+        ax_acc.plot(ep, [100 * h["test_acc"] for h in hist], color=c, label=name)
+    ax_loss.set(xlabel="epoch", ylabel="loss"); ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
+    ax_loss.legend(fontsize=8); ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

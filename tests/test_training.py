@@ -1,0 +1,96 @@
+"Training (chapter 7) and the CLI: schedule, weight decay groups, exact resume, DDP equivalence, bad options, the demo."
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitsd_nbdev.cli import demo
+from vitsd_nbdev.training import TrainConfig, load_checkpoint, lr_at, param_groups, save_checkpoint, train
+from vitsd_nbdev.vit import create_model
+
+BIN = Path(sys.executable).parent
+TINY = dict(dataset="digits", image_size=16, preset="tiny", batch_size=64)
+
+
+def test_schedule_matches_its_formula():
+    T, W, lr, lo = 1000, 100, 1e-3, 1e-6
+    for t in range(0, T + 1, 7):
+        expected = lo + (lr - lo) * t / W if t < W else lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * (t - W) / (T - W)))
+        assert lr_at(t, T, W, lr, lo) == pytest.approx(expected, rel=1e-12)
+    lrs = [lr_at(t, T, W, lr, lo) for t in range(T)]
+    assert max(lrs) == pytest.approx(lr) and all(a <= b for a, b in zip(lrs[:W], lrs[1:W + 1]))
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_temperatures():
+    m = create_model("sl_vit", image_size=16, preset="tiny")
+    decay, no_decay = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"embed.pos_embed", "embed.cls_token", "blocks.1.attn.temperature", "blocks.0.norm1.weight", "head.1.bias"} <= nd
+    assert all(p.ndim == 2 for p in decay["params"]) and decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    cfg = lambda d: TrainConfig(**TINY, model="sl_vit", epochs=3, warmup_epochs=1, drop_path=0.1, out_dir=str(tmp_path / d))
+    train(cfg("whole"), progress=False, log=False)
+    train(cfg("part"), stop_after=1, progress=False, log=False)
+    train(cfg("part"), resume=True, progress=False, log=False)
+    a, b = load_checkpoint(tmp_path / "whole" / "checkpoint.pt"), load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    assert a["history"] == [dict(h, epoch_time=a["history"][i]["epoch_time"], img_per_s=a["history"][i]["img_per_s"]) for i, h in enumerate(b["history"])]
+    for k in a["model"]: assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items(): assert torch.equal(v["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, {"epoch": 1})
+    def crash(*a, **k): raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(p, {"epoch": 2})
+    assert load_checkpoint(p)["epoch"] == 1                   # the old checkpoint survives a failed write
+
+
+def _weights(d):
+    return load_checkpoint(Path(d) / "checkpoint.pt")["model"]
+
+
+def test_two_process_gloo_ddp_equals_one_process(tmp_path):
+    args = ["--dataset", "digits", "--image-size", "16", "--preset", "tiny", "--model", "sl_vit", "--epochs", "2", "--warmup-epochs", "1",
+            "--batch-size", "64", "--no-augment", "--drop-path", "0", "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([BIN / "vitsd-train", *args, "--out-dir", tmp_path / "one"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([BIN / "torchrun", "--nproc_per_node", "2", "--master_port", "29517", "--no-python", BIN / "vitsd-train", *args,
+                          "--out-dir", tmp_path / "two"], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 x cpu" in two.stdout
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "mnist"], "unknown dataset"),
+    (["--dataset", "digits", "--model", "resnet"], "unknown model"),
+    (["--dataset", "digits", "--image-size", "32", "--patch-size", "5"], "does not divide"),
+    (["--dataset", "imagefolder:/no/such/folder"], "no folder"),
+    (["--dataset", "digits", "--amp", "fp8"], "amp must be"),
+])
+def test_cli_rejects_bad_options_in_one_line(tmp_path, args, message):
+    r = subprocess.run([BIN / "vitsd-train", *args, "--epochs", "1", "--warmup-epochs", "0", "--no-progress", "--out-dir", tmp_path],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("vitsd-train: error:"), r.stderr
+
+
+def test_demo_reaches_a_sane_accuracy(tmp_path):
+    # the main job's recipe, shortened: after 10 epochs both models are far above the 10% of chance
+    res = demo(tmp_path, epochs=10, progress=False)
+    assert [r["model"] for r in res] == ["vit", "sl_vit"]
+    assert all(r["final_acc"] >= 0.7 for r in res), res
+    for r in res: assert (Path(r["out_dir"]) / "metrics.json").is_file() and (Path(r["out_dir"]) / "curves.png").is_file()
