@@ -42,4 +42,4 @@ test: sync-check clean-check nbtest docs
 	VITSD_REQUIRE_DOCS=1 $(PY) -m pytest tests
 
 lab: venv
-	.venv/bin/jupyter lab --notebook-dir=nbs
+	.venv/bin/jupyter lab --notebook-dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root)
