@@ -252,7 +252,6 @@ def _summary(cfg, history, n_params, elapsed, out) -> dict:
                 best_epoch=best.get("epoch"), train_time=round(elapsed, 2), out_dir=str(out))
 
 def _save_curves(out: Path, cfg: TrainConfig, history: list[dict]):
-    import matplotlib; matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt          # headless, matplotlib falls back to Agg by itself
     from vitsd_nbdev.viz import plot_learning_curves
     fig = plot_learning_curves({cfg.model: history}); fig.savefig(out / "curves.png", dpi=90); plt.close(fig)
