@@ -91,16 +91,18 @@ def temperatures(
     return torch.stack(rows)
 
 # %% ../nbs/08_experiments.ipynb #a8981ce2
+def _cls_grid(w: torch.Tensor, side: int) -> torch.Tensor:
+    "The class token's row of [B, N+1, N+1] weights over the patch tokens, renormalised, as a [B, side, side] grid."
+    row = w[:, 0, 1:]
+    return (row / row.sum(-1, keepdim=True).clamp_min(1e-12)).reshape(-1, side, side)
+
 def cls_attention(
     maps: list[torch.Tensor],  # one [B, heads, N+1, N+1] tensor per block
     layer: int = -1,           # which block
 ) -> torch.Tensor:             # [B, side, side]: the class token's head-averaged attention over the patches, summing to 1
     "Where the class token looks in one block: its attention row over the patch tokens, averaged over heads."
     if not maps: raise ValueError("expected a non-empty list of attention maps, one per block")
-    side = _check_maps(maps[layer], True)
-    row = maps[layer][:, :, 0, 1:].double().mean(1)
-    row = row / row.sum(-1, keepdim=True).clamp_min(1e-12)
-    return row.reshape(-1, side, side)
+    return _cls_grid(maps[layer].double().mean(1), _check_maps(maps[layer], True))
 
 def attention_rollout(
     maps: list[torch.Tensor],  # one [B, heads, N(+1), N(+1)] tensor per block, first block first
@@ -120,9 +122,7 @@ def rollout_cls_map(
     rollout: torch.Tensor,  # [B, N+1, N+1] from `attention_rollout`
 ) -> torch.Tensor:          # [B, side, side]: the class token's rolled-out attention over the patches, summing to 1
     "The class token's row of an attention rollout, over the patch tokens, as a grid."
-    side = _check_maps(rollout, True)
-    row = rollout[:, 0, 1:]
-    return (row / row.sum(-1, keepdim=True).clamp_min(1e-12)).reshape(-1, side, side)
+    return _cls_grid(rollout, _check_maps(rollout, True))
 
 def to_pixels(
     grid: torch.Tensor,  # [..., side, side] a value per token
@@ -146,8 +146,7 @@ def effective_receptive_field(
     was_training = model.training
     model.eval()
     x = images.detach().float().clone().requires_grad_(True)
-    z = model.embed(x)
-    for b in model.blocks: z = b(z)
+    z = model.forward_features(x)
     v = torch.randn(z.shape[-1], generator=torch.Generator().manual_seed(seed))
     (z[:, 1 + token_index] @ v).sum().backward()
     model.train(was_training)

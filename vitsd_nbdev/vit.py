@@ -75,9 +75,15 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, dim))
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # tokens [B, N, d] -> [B, N, d]
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self,
+                x: torch.Tensor,              # tokens [B, N, d]
+                return_weights: bool = False, # also return the attention weights [B, heads, N, N] (explicit, slower)
+               ):                             # tokens [B, N, d]; with return_weights also the weights
+        a = self.attn(self.norm1(x), return_weights=return_weights)
+        a, w = a if return_weights else (a, None)
+        x = x + self.drop_path(a)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, w) if return_weights else x
 
 # %% ../nbs/05_vit.ipynb #520c8439
 class ViT(nn.Module):
@@ -93,20 +99,25 @@ class ViT(nn.Module):
         self.apply(_init_official)
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> logits [B, num_classes]
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> tokens [B, N+1, d] after the last block
+        "All tokens after the encoder, class token first (what the head and the analysis read)."
         z = self.embed(x)
         for block in self.blocks: z = block(z)
-        return self.head(z[:, 0])
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> logits [B, num_classes]
+        return self.head(self.forward_features(x)[:, 0])
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:  # one [B, heads, N+1, N+1] tensor per block
-        "Each block's attention weights for images `x` (eval mode, explicit softmax)."
+        "Each block's attention weights for images `x` (computed in eval mode, explicit softmax)."
+        was_training = self.training
+        self.eval()
         maps, z = [], self.embed(x)
-        for b in self.blocks:
-            out, w = b.attn(b.norm1(z), return_weights=True)
-            z = z + out
-            z = z + b.mlp(b.norm2(z))
+        for block in self.blocks:
+            z, w = block(z, return_weights=True)
             maps.append(w)
+        self.train(was_training)
         return maps
 
 def _init_official(m: nn.Module):
