@@ -1,9 +1,10 @@
-"""Run the ablation suites of chapter 8: the four variants (vit, vit_spt, vit_lsa, sl_vit) x seeds, one `train` call each.
+"""Run the ablation suites of chapters 8 and 9: model variants x seeds, one `train` call each.
 
 Usage, from the repository root:
     .venv/bin/python experiments/ablation.py --suite digits
     .venv/bin/python experiments/ablation.py --suite cifar10_subset [--seeds 0 1] [--models vit sl_vit]
     .venv/bin/python experiments/ablation.py --suite cifar10_subset --list     # what is done, what is left
+    .venv/bin/python experiments/ablation.py --suite digits_pit                # chapter 9: PiT vs SL-PiT
 
 Each run trains in runs/ablation/<suite>/<model>_seed<k>/ (git-ignored: checkpoint, curves) and saves its
 config, per-epoch history and summary to results/<suite>/<model>_seed<k>.json (small, committed).
@@ -19,19 +20,21 @@ import numpy as np
 import torch
 
 from vitsd_nbdev.training import TrainConfig, load_checkpoint, train
-from vitsd_nbdev.vit import VARIANTS
+from vitsd_nbdev.vit import ADD_ON_MODELS, VARIANTS
 
-MODELS = list(VARIANTS)  # vit, vit_spt, vit_lsa, sl_vit
 CIFAR_SOURCE = "../shared/data/cifar10"  # the JPEG ImageFolder copy (train/<class>/*.jpg, test/<class>/*.jpg)
 SUBSET_PER_CLASS, SUBSET_SEED = 500, 0   # 10 classes x 500 = 5,000 training images, chosen once with this seed
 
+# the vitsd-demo recipe: tiny preset, 16x16 digits, 40 epochs, batch 64, 5 warm-up epochs, lr 1e-3
+DIGITS = dict(dataset="digits", image_size=16, preset="tiny", epochs=40, warmup_epochs=5, batch_size=64, lr=1e-3)
 SUITES = {
-    # the vitsd-demo recipe: tiny preset, 16x16 digits, 40 epochs, batch 64, 5 warm-up epochs, lr 1e-3
-    "digits": dict(seeds=[0, 1, 2], cfg=dict(dataset="digits", image_size=16, preset="tiny", epochs=40,
-                                              warmup_epochs=5, batch_size=64, lr=1e-3)),
+    "digits": dict(models=list(VARIANTS), seeds=[0, 1, 2], cfg=DIGITS),
+    # chapter 9: the add-on models, plain and SL, with the same recipe (each model family's own "tiny" preset)
+    "digits_pit": dict(models=["pit", "sl_pit"], seeds=[0, 1, 2], cfg=DIGITS),
+    "digits_swin": dict(models=["swin", "sl_swin"], seeds=[0, 1, 2], cfg=DIGITS),
     # a class-balanced 5,000-image subset of CIFAR-10's training split, the full 10,000-image test split;
     # tiny preset at 32x32 (patch 4, an 8x8 token grid), the imagefolder default augmentation
-    "cifar10_subset": dict(seeds=[0, 1], cfg=dict(dataset="imagefolder:runs/data/cifar10_subset5000", image_size=32,
+    "cifar10_subset": dict(models=list(VARIANTS), seeds=[0, 1], cfg=dict(dataset="imagefolder:runs/data/cifar10_subset5000", image_size=32,
                                                   preset="tiny", epochs=100, warmup_epochs=10, batch_size=128, lr=1e-3)),
 }
 
@@ -65,7 +68,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", required=True, choices=sorted(SUITES))
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the suite's seeds")
-    ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    ap.add_argument("--models", nargs="+", default=None, choices=list(VARIANTS) + list(ADD_ON_MODELS), help="default: the suite's models")
     ap.add_argument("--results", default="results", help="folder of the JSON files")
     ap.add_argument("--runs", default="runs/ablation", help="folder of the run folders (checkpoints; git-ignored)")
     ap.add_argument("--cifar-source", default=CIFAR_SOURCE)
@@ -73,7 +76,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     suite = SUITES[a.suite]
     seeds = a.seeds if a.seeds is not None else suite["seeds"]
-    todo = [(s, m) for s in seeds for m in a.models]         # seed-major: a partial suite has whole seeds
+    models = a.models if a.models is not None else suite["models"]
+    todo = [(s, m) for s in seeds for m in models]         # seed-major: a partial suite has whole seeds
     done = [(s, m) for s, m in todo if (Path(a.results) / a.suite / f"{m}_seed{s}.json").exists()]
     print(f"{a.suite}: {len(done)} of {len(todo)} runs done")
     if a.list: return

@@ -4,6 +4,7 @@
 
 # %% ../nbs/05_vit.ipynb #6910fc8f
 from __future__ import annotations
+import importlib
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -16,7 +17,7 @@ from .patches import PatchEmbedding, PatchTokenization
 from .spt import ShiftedPatchTokenization
 
 # %% auto #0
-__all__ = ['PRESETS', 'VARIANTS', 'ViTConfig', 'Block', 'ViT', 'create_model', 'count_params', 'count_flops']
+__all__ = ['PRESETS', 'VARIANTS', 'ADD_ON_MODELS', 'ViTConfig', 'Block', 'ViT', 'create_model', 'count_params', 'count_flops']
 
 # %% ../nbs/05_vit.ipynb #451a3343
 @dataclass
@@ -131,16 +132,20 @@ def _init_official(m: nn.Module):
 # %% ../nbs/05_vit.ipynb #82d990f4
 VARIANTS = {"vit": dict(spt=False, lsa=False), "vit_spt": dict(spt=True, lsa=False),
             "vit_lsa": dict(spt=False, lsa=True), "sl_vit": dict(spt=True, lsa=True)}
+ADD_ON_MODELS = {"pit": "pit", "sl_pit": "pit", "swin": "swin", "sl_swin": "swin"}  # chapter 9: model name -> module
 
 def create_model(
-    name: str,                  # one of `VARIANTS`: "vit", "vit_spt", "vit_lsa", "sl_vit"
+    name: str,                  # a `VARIANTS` name ("vit", "vit_spt", "vit_lsa", "sl_vit") or an `ADD_ON_MODELS` name
     num_classes: int = 10,
     image_size: int = 32,
-    preset: str | None = None,  # a `PRESETS` name for the architecture, e.g. "tiny"; None: the paper's
+    preset: str | None = None,  # a preset name for the architecture, e.g. "tiny"; None: the paper's
     **overrides,
-) -> ViT:
-    "Build one of the four ablation variants of the paper's ViT; `overrides` sets any other `ViTConfig` field."
-    if name not in VARIANTS: raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS)}")
+) -> nn.Module:
+    "Build a model by name: one of the paper's four ViT ablation variants, or a chapter-9 model; `overrides` sets any other config field."
+    if name in ADD_ON_MODELS:  # PiT and Swin live in their own modules, built by `create_pit` / `create_swin`
+        family = ADD_ON_MODELS[name]
+        return getattr(importlib.import_module(f"vitsd_nbdev.{family}"), f"create_{family}")(name, num_classes, image_size, preset, **overrides)
+    if name not in VARIANTS: raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS) + sorted(ADD_ON_MODELS)}")
     if preset is not None and preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     base = PRESETS[preset] if preset else {}
     return ViT(ViTConfig(**{**base, "image_size": image_size, "num_classes": num_classes, **VARIANTS[name], **overrides}))
