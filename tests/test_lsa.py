@@ -231,3 +231,21 @@ def test_module_rejects_wrong_token_shape():
     m = LocalitySelfAttention(32, 4, 8)
     one_line_value_error(lambda: m(torch.randn(2, 10, 16)), r"\[B, N, 32\]")
     one_line_value_error(lambda: m(torch.randn(10, 32)), r"\[B, N, 32\]")
+
+def test_bias_is_added_before_the_diagonal_mask():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 6, 8).unbind(0)
+    bias, tau = torch.randn(3, 6, 6), torch.tensor([1.0, 2.0, 3.0])
+    w = attention_weights(q, k, tau, diag_mask=True, bias=bias)
+    assert w.diagonal(dim1=-2, dim2=-1).abs().max().item() == 0.0
+    manual = ((q @ k.transpose(-2, -1)) / tau[:, None, None] + bias).masked_fill(torch.eye(6, dtype=torch.bool), float("-inf")).softmax(-1)
+    torch.testing.assert_close(w, manual)
+    torch.testing.assert_close(locality_attention(q, k, v, tau, bias=bias), w @ v)
+    torch.testing.assert_close(locality_attention(q, k, v, tau, diag_mask=False, bias=bias), attention_weights(q, k, tau, bias=bias) @ v)
+
+def test_cached_mask_survives_inference_mode():
+    q, k, v = torch.randn(3, 1, 2, 11, 4).unbind(0)
+    with torch.inference_mode(): locality_attention(q, k, v, 2.0)      # first built under inference mode
+    tau = torch.tensor([2.0, 2.0], requires_grad=True)
+    locality_attention(q, k, v, tau).sum().backward()                 # reused in a training step
+    assert tau.grad is not None and tau.grad.isfinite().all()

@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_lsa.ipynb #ce6a4b91
 from __future__ import annotations
+import functools
 import math
 import torch
 import torch.nn.functional as F
@@ -45,22 +46,33 @@ def _check_temperature(temperature, heads: int):
         raise ValueError(f"temperature must be a positive number or a tensor of shape [heads], got {temperature!r}")
     return float(temperature)
 
+@functools.lru_cache(maxsize=64)
 def _diag_mask(n: int, device=None) -> torch.Tensor:
-    "Boolean [n, n] mask, True where a query may attend: everywhere except the diagonal."
+    "Boolean [n, n] mask, True where a query may attend: everywhere except the diagonal (built once per n and device, then cached)."
     if n < 2:
         raise ValueError(f"the diagonal mask needs at least 2 tokens, got N = {n}: it would mask every key of the row; use diag_mask=False for a single token")
-    return ~torch.eye(n, dtype=torch.bool, device=device)
+    with torch.inference_mode(False):  # a cached inference tensor could not be used in a later training step
+        return ~torch.eye(n, dtype=torch.bool, device=device)
+
+def _logit_mask(n: int, diag_mask: bool, bias: torch.Tensor | None, device, dtype):
+    "SDPA's attn_mask: None, the boolean diagonal mask, the additive `bias`, or the bias with -inf on the diagonal."
+    mask = _diag_mask(n, device) if diag_mask else None
+    if bias is None: return mask
+    bias = bias.to(dtype)
+    return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
 
 def attention_weights(
     q: torch.Tensor,    # queries [B, heads, N, head_dim]
     k: torch.Tensor,    # keys [B, heads, N, head_dim]
     temperature: float | torch.Tensor | None = None,  # τ: a positive float, a 0-d tensor or one value per head [heads]; None means √head_dim (standard SA)
     diag_mask: bool = False,  # exclude each token's relation with itself (weight exactly 0 on the diagonal)
+    bias: torch.Tensor | None = None,  # additive logit bias, broadcastable to [B, heads, N, N], added after dividing by τ
 ) -> torch.Tensor:      # probabilities [B, heads, N, N] in q's dtype; each row sums to 1
-    "Attention probabilities softmax(R / τ), optionally with the diagonal masked, computed explicitly for analysis."
+    "Attention probabilities softmax(R / τ + bias), optionally with the diagonal masked, computed explicitly for analysis."
     _check_qkv(q, k)
     tau = _check_temperature(math.sqrt(q.shape[-1]) if temperature is None else temperature, q.shape[1])
     logits = (q @ k.transpose(-2, -1)) / tau
+    if bias is not None: logits = logits + bias
     if diag_mask: logits = logits.masked_fill(~_diag_mask(q.shape[-2], q.device), float("-inf"))
     return logits.softmax(dim=-1).to(q.dtype)
 
@@ -79,11 +91,12 @@ def locality_attention(
     v: torch.Tensor,         # values [B, heads, N, head_dim_v]
     temperature: float | torch.Tensor,  # τ: one value per head [heads] (e.g. a learned parameter), a 0-d tensor or a positive float
     diag_mask: bool = True,  # exclude each token's relation with itself (the paper's R^M); needs N ≥ 2
+    bias: torch.Tensor | None = None,  # additive logit bias, broadcastable to [B, heads, N, N] (e.g. Swin's relative-position bias and window mask)
 ) -> torch.Tensor:           # [B, heads, N, head_dim_v]
-    "Locality self-attention softmax(R^M / τ) v on fused kernels: q is divided by τ, the diagonal masked out."
+    "Locality self-attention softmax(R^M / τ + bias) v on fused kernels: q is divided by τ, the diagonal masked out."
     _check_qkv(q, k, v)
     tau = _check_temperature(temperature, q.shape[1])
-    mask = _diag_mask(q.shape[-2], q.device) if diag_mask else None
+    mask = _logit_mask(q.shape[-2], diag_mask, bias, q.device, q.dtype)
     return F.scaled_dot_product_attention((q / tau).to(q.dtype), k, v, attn_mask=mask, scale=1.0)
 
 # %% ../nbs/04_lsa.ipynb #0fcf17b8
