@@ -207,7 +207,8 @@ def _pm(m: float, s: float) -> str:
     if math.isnan(m): return "–"
     return f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}"
 
-NAMES = {"vit": "ViT", "vit_spt": "ViT + SPT", "vit_lsa": "ViT + LSA", "sl_vit": "SL-ViT (SPT + LSA)"}
+NAMES = {"vit": "ViT", "vit_spt": "ViT + SPT", "vit_lsa": "ViT + LSA", "sl_vit": "SL-ViT (SPT + LSA)",
+         "pit": "PiT", "sl_pit": "SL-PiT", "swin": "Swin", "sl_swin": "SL-Swin"}  # chapter 9's models too
 
 def ablation_markdown(
     summary: dict[str, dict],  # from `summarise_runs`
@@ -226,14 +227,15 @@ def plot_ablation_curves(
 ) -> plt.Figure:
     "Test accuracy and training loss per epoch: the mean over seeds per model (dashed: with LSA), the min–max range shaded."
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(2.7 * size, size))
-    for i, m in enumerate(NAMES):
+    present = {r["config"]["model"] for r in runs}
+    for i, m in enumerate([m for m in NAMES if m in present] + sorted(present - set(NAMES))):
         hs = [r["history"] for r in runs if r["config"]["model"] == m]
-        if not hs: continue
         L = min(len(h) for h in hs)
         ep = [h["epoch"] for h in hs[0][:L]]
         for ax, key, scale in ((ax_acc, "test_acc", 100), (ax_loss, "train_loss", 1)):
             v = torch.tensor([[scale * e[key] for e in h[:L]] for h in hs])
-            ax.plot(ep, v.mean(0), color=f"C{i}", ls="--" if "lsa" in m else "-", label=f"{NAMES[m]} (n={len(hs)})")
+            ax.plot(ep, v.mean(0), color=f"C{i}", ls="--" if m == "vit_lsa" or m.startswith("sl_") else "-",
+                    label=f"{NAMES.get(m, m)} (n={len(hs)})")
             if len(hs) > 1: ax.fill_between(ep, v.min(0).values, v.max(0).values, color=f"C{i}", alpha=0.2, lw=0)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)"); ax_loss.set(xlabel="epoch", ylabel="training loss")
     ax_acc.legend(fontsize=8)

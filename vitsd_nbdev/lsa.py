@@ -47,12 +47,16 @@ def _check_temperature(temperature, heads: int):
     return float(temperature)
 
 @functools.lru_cache(maxsize=64)
-def _diag_mask(n: int, device=None) -> torch.Tensor:
-    "Boolean [n, n] mask, True where a query may attend: everywhere except the diagonal (built once per n and device, then cached)."
-    if n < 2:
-        raise ValueError(f"the diagonal mask needs at least 2 tokens, got N = {n}: it would mask every key of the row; use diag_mask=False for a single token")
+def _cached_diag_mask(n: int, device) -> torch.Tensor:
     with torch.inference_mode(False):  # a cached inference tensor could not be used in a later training step
         return ~torch.eye(n, dtype=torch.bool, device=device)
+
+def _diag_mask(n: int, device=None) -> torch.Tensor:
+    "Boolean [n, n] mask, True where a query may attend: everywhere except the diagonal (cached per n and device; a constant of the graph under torch.compile)."
+    if n < 2:
+        raise ValueError(f"the diagonal mask needs at least 2 tokens, got N = {n}: it would mask every key of the row; use diag_mask=False for a single token")
+    if torch.compiler.is_compiling(): return ~torch.eye(n, dtype=torch.bool, device=device)
+    return _cached_diag_mask(n, device)
 
 def _logit_mask(n: int, diag_mask: bool, bias: torch.Tensor | None, device, dtype):
     "SDPA's attn_mask: None, the boolean diagonal mask, the additive `bias`, or the bias with -inf on the diagonal."
