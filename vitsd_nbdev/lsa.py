@@ -101,6 +101,7 @@ def locality_attention(
     _check_qkv(q, k, v)
     tau = _check_temperature(temperature, q.shape[1])
     mask = _logit_mask(q.shape[-2], diag_mask, bias, q.device, q.dtype)
+    if isinstance(tau, float): return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / tau)  # a number: the kernel's scale
     return F.scaled_dot_product_attention((q / tau).to(q.dtype), k, v, attn_mask=mask, scale=1.0)
 
 # %% ../nbs/04_lsa.ipynb #0fcf17b8
@@ -130,8 +131,11 @@ class SelfAttention(nn.Module):
         "Attend over the tokens: qkv projection, (locality) attention per head, output projection."
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected tokens of shape [B, N, {self.dim}], got {tuple(getattr(x, 'shape', ()))}")
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        tau = self.temperature if self.temperature is not None else math.sqrt(self.head_dim)
+        w, tau = self.qkv.weight, math.sqrt(self.head_dim)
+        if self.temperature is not None:   # q/τ = x (E_q/τ): scale E_q's rows, not the far larger [B, heads, N, d] queries
+            w = w * torch.cat([self.temperature.reciprocal().repeat_interleave(self.head_dim), w.new_ones(2 * self.heads * self.head_dim)])[:, None]
+            tau = 1.0                      # τ is now inside the queries
+        q, k, v = rearrange(F.linear(x, w), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         out = self.proj(rearrange(locality_attention(q, k, v, tau, self.diag_mask), "b h n d -> b n (h d)"))
         return (out, attention_weights(q, k, tau, self.diag_mask)) if return_weights else out
 
