@@ -94,3 +94,17 @@ def test_demo_reaches_a_sane_accuracy(tmp_path):
     assert [r["model"] for r in res] == ["vit", "sl_vit"]
     assert all(r["final_acc"] >= 0.7 for r in res), res
     for r in res: assert (Path(r["out_dir"]) / "metrics.json").is_file() and (Path(r["out_dir"]) / "curves.png").is_file()
+
+def test_compiled_training_matches_eager_on_cpu(tmp_path):
+    "torch.compile (TrainConfig.compile) works on the CPU and trains the same model as eager mode, to rounding."
+    runs = {}
+    for compiled in (False, True):
+        cfg = TrainConfig(dataset="digits", image_size=16, preset="tiny", model="sl_vit", epochs=1, warmup_epochs=0,
+                          batch_size=64, compile=compiled, out_dir=str(tmp_path / str(compiled)))
+        train(cfg, progress=False, log=False)
+        runs[compiled] = load_checkpoint(tmp_path / str(compiled) / "checkpoint.pt")
+    eager, comp = runs[False]["history"][0], runs[True]["history"][0]
+    assert math.isclose(eager["train_loss"], comp["train_loss"], rel_tol=1e-3)
+    assert abs(eager["test_acc"] - comp["test_acc"]) <= 2 / 360
+    for k, v in runs[False]["model"].items():
+        torch.testing.assert_close(runs[True]["model"][k], v, rtol=1e-3, atol=1e-4)
