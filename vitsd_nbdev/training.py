@@ -46,11 +46,11 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,  # decay of the weight matrices
 ) -> list[dict]:          # two AdamW parameter groups: with and without weight decay
-    "Weight decay for weight matrices only: not for biases, norms, temperatures, position embedding or class token."
+    "Weight decay for weight matrices only: not for biases, norms, temperatures, position embeddings, class tokens or relative-position bias tables."
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
-        skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token"))
+        skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "bias_table"))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -73,7 +73,7 @@ class TrainConfig:
     data_root: str = "data"            # folder of the downloadable datasets
     download: bool = False             # download cifar10/cifar100/svhn into data_root if missing (needs internet)
     image_size: int | None = None      # resize to this square size; None: the dataset's own size
-    model: str = "sl_vit"              # a `create_model` variant: "vit", "vit_spt", "vit_lsa", "sl_vit"
+    model: str = "sl_vit"              # a `create_model` name: "vit", "vit_spt", "vit_lsa", "sl_vit"; chapter 9: "pit", "sl_pit", "swin", "sl_swin"
     preset: str | None = None          # a model preset, e.g. "tiny"; None: the paper's architecture
     patch_size: int | None = None      # None: image_size // 8 (the paper's 8×8 token grid)
     epochs: int = 100                  # passes over the training data
@@ -86,7 +86,7 @@ class TrainConfig:
     grad_clip: float | None = None     # clip the gradient norm to this value; None: no clipping
     augment: bool = True               # the dataset's default recipe (chapter 6); False: none
     amp: str = "auto"                  # see `amp_dtype`
-    compile: bool = False              # torch.compile the model
+    compile: bool = False              # torch.compile the model (training steps; evaluation stays eager)
     seed: int = 0
     device: str = "auto"               # "auto": cuda if available, else cpu
     out_dir: str = "runs/run"          # checkpoint, metrics and curves go here
@@ -123,15 +123,15 @@ def evaluate(
     "Mean cross-entropy and accuracy of `model` on every batch of `loader`."
     was_training = model.training
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for x, y in loader:
+    loss_sum, correct, n = torch.zeros((), device=device), torch.zeros((), device=device), 0   # summed on the device:
+    for x, y in loader:                                                                        # no per-batch sync
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item(); n += len(y)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum(); n += len(y)
     model.train(was_training)
-    return loss_sum / n, correct / n
+    return loss_sum.item() / n, correct.item() / n
 
 # %% ../nbs/07_training.ipynb #2639b91c
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -185,7 +185,7 @@ def train(
     overrides = {k: v for k, v in dict(patch_size=cfg.patch_size, drop_path=cfg.drop_path).items() if v is not None}
     model = create_model(cfg.model, info.num_classes, info.image_size, preset=cfg.preset, in_chans=info.in_chans, **overrides).to(device)
     n_params = count_params(model)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")  # one kernel per step on GPU
     dtype = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     smoothing = train_dl.augment.label_smoothing if train_dl.augment else 0.0
@@ -207,6 +207,7 @@ def train(
         train_dl.set_epoch(epoch)
         net.train()
         t0, loss_sum, correct, seen = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device), 0
+        shown = t0                                                # the bar reads the loss (a device sync) at most once a second
         bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr, disable=not progress or rank != 0)
         for i, (x, y) in enumerate(bar):
             for g in opt.param_groups: g["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr, cfg.min_lr)
@@ -220,7 +221,8 @@ def train(
             scaler.step(opt); scaler.update()
             hard = y if y.ndim == 1 else y.argmax(1)              # soft (mixed) targets: their main class
             loss_sum += loss.detach() * len(y); correct += (logits.argmax(1) == hard).sum(); seen += len(y)
-            if progress and rank == 0 and i % 10 == 0: bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
+            if progress and rank == 0 and time.perf_counter() - shown > 1:
+                shown = time.perf_counter(); bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world / (shown - t0):.0f}")
         bar.close()
         if device.type == "cuda": torch.cuda.synchronize()
         epoch_time = time.perf_counter() - t0; elapsed += epoch_time
