@@ -135,8 +135,9 @@ class SelfAttention(nn.Module):
         if self.temperature is not None:   # q/τ = x (E_q/τ): scale E_q's rows, not the far larger [B, heads, N, d] queries
             w = w * torch.cat([self.temperature.reciprocal().repeat_interleave(self.head_dim), w.new_ones(2 * self.heads * self.head_dim)])[:, None]
             tau = 1.0                      # τ is now inside the queries
-        q, k, v = rearrange(F.linear(x, w), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = self.proj(rearrange(locality_attention(q, k, v, tau, self.diag_mask), "b h n d -> b n (h d)"))
+        qkv = F.linear(x, w).unflatten(-1, (3, self.heads, self.head_dim))         # [B, N, 3, heads, d]
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                      # views [B, heads, N, d]: no copy, and
+        out = self.proj(locality_attention(q, k, v, tau, self.diag_mask).transpose(1, 2).flatten(2))  # the backward's stack lands in qkv's layout
         return (out, attention_weights(q, k, tau, self.diag_mask)) if return_weights else out
 
 class LocalitySelfAttention(SelfAttention):
