@@ -127,6 +127,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=3, help="timed calls per model per round")
     ap.add_argument("--scaling-batch", type=int, default=8, help="batch of the token-count sweep")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the token-count sweep (e.g. with --compile: 36 more compilations)")
     ap.add_argument("--out", default=None, help="JSON file; default benchmarks/results/<device>[-<amp>][-compile][-smoke].json")
     ap.add_argument("--memory-of", nargs=6, metavar=("MODEL", "MODE", "ARCH", "IMAGE", "PATCH", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -139,7 +140,7 @@ def main(argv=None):
         return
     arch_name, arch = ("smoke", SMOKE) if a.smoke else ("paper", PAPER)
     batch, rounds, iters, warmup = (4, 1, 1, 1) if a.smoke else (a.batch, a.rounds, a.iters, 2)
-    sweep = [(32, 8), (32, 4)] if a.smoke else [(32, 8), (32, 4), (32, 2), (64, 8), (64, 4), (64, 2)]
+    sweep = [] if a.no_sweep else [(32, 8), (32, 4)] if a.smoke else [(32, 8), (32, 4), (32, 2), (64, 8), (64, 4), (64, 2)]
     res = dict(env=environment(device), settings=dict(arch=arch, batch=batch, rounds=rounds, iters=iters, amp=a.amp,
                compile=a.compile, scaling_batch=a.scaling_batch), main={}, scaling={})
 
@@ -184,6 +185,7 @@ def markdown(res: dict) -> str:
     for label, a, b in [("ours SL-ViT / peer SL-ViT", "ours_sl_vit", "peer_sl_vit"), ("ours ViT / peer ViT", "ours_vit", "peer_vit"),
                         ("ours ViT / ours SL-ViT (SPT+LSA overhead)", "ours_vit", "ours_sl_vit")]:
         lines.append(f"| {label} | {ratio(a, b, 'train'):.2f} | {ratio(a, b, 'infer'):.2f} |")
+    if not res["scaling"]: return "\n".join(lines)
     lines += ["", "| input, patch | tokens | ours ViT train | ours SL-ViT train | peer SL-ViT train | ours SL-ViT infer | peer SL-ViT infer |", "|---|---|---|---|---|---|---|"]
     for k, r in res["scaling"].items():
         lines.append(f"| {k} | {r['tokens']} | {r['ours_vit']['train']['img_s']:.1f} | {r['ours_sl_vit']['train']['img_s']:.1f} | "
