@@ -29,7 +29,7 @@ clean-check: venv
 	@git diff --exit-code --stat -- nbs || { echo "FAIL: notebooks are not clean: run .venv/bin/nbdev_clean and commit"; exit 1; }
 
 nbtest: venv
-	.venv/bin/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=1 .venv/bin/nbdev_test --n_workers 2 --timing   # two notebooks at a time, one thread each: no oversubscription of 2 cores
 
 pytest: venv
 	$(PY) -m pytest tests
