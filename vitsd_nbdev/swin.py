@@ -214,8 +214,8 @@ class SwinBlock(Block):
                  drop_path: float = 0.0,  # stochastic-depth rate of both residual branches
                  lsa: bool = False,       # LSA inside the windows
                 ):
-        super().__init__(dim, heads, dim // heads, mlp_hidden, drop_path, lsa)
-        self.attn = WindowAttention(dim, heads, grid, window_size, shift, lsa)
+        super().__init__(dim, heads, dim // heads, mlp_hidden, drop_path, lsa,
+                         attn=WindowAttention(dim, heads, grid, window_size, shift, lsa))
 
 # %% ../nbs/09a_swin.ipynb #6f24a645
 SWIN_VARIANTS = {"swin": dict(sl=False), "sl_swin": dict(sl=True)}

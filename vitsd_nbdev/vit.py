@@ -68,10 +68,11 @@ class Block(nn.Module):
                  dim: int, heads: int, head_dim: int, mlp_hidden: int,
                  drop_path: float = 0.0,  # probability of dropping each residual branch per sample in training
                  lsa: bool = False,       # Locality Self-Attention instead of standard self-attention
+                 attn: nn.Module | None = None,  # another attention layer with SelfAttention's call signature (chapter 9's Swin); None: SelfAttention
                 ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads, head_dim, diag_mask=lsa, learned_temperature=lsa)
+        self.attn = attn if attn is not None else SelfAttention(dim, heads, head_dim, diag_mask=lsa, learned_temperature=lsa)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, dim))
         self.drop_path = StochasticDepth(drop_path, mode="row")
