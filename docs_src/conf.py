@@ -20,6 +20,7 @@ description = _cfg["description"]
 
 extensions = ["myst_nb", "sphinx-mathjax-offline"]  # the latter ships MathJax 3 into _static/
 nb_execution_mode = "off"  # notebooks are shown with the outputs saved in them
+nb_render_markdown_format = "myst"  # markdown outputs (the results tables) are MyST, so tables and math render
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 # Markdown links are plain hrefs, as on nbdev's Quarto site: the build script points nbdev's doc links
 # at the generated pages (`patches.html#patchify`), which Sphinx's cross-referencing doesn't know.

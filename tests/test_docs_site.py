@@ -103,6 +103,16 @@ def test_math_is_rendered_by_local_mathjax(pages):
         assert srcs and all((DOCS / urlsplit(s).path).is_file() for s in srcs), f"{name}: MathJax not loaded"
 
 
+def test_markdown_tables_are_rendered(pages):
+    "Tables in markdown cells and in markdown outputs (the results tables) become HTML tables, not rows of pipes."
+    row = re.compile(r"\|\s*:?(-{3,}|[—–]+-*):?\s*\|")   # a table's |---| separator line (or |—|, as a typographer turns it)
+    for name, soup in pages.items():
+        for s in soup.find_all(string=row):
+            if not s.find_parent(NO_MATH):
+                pytest.fail(f"{name}: an unrendered markdown table: {s.strip()[:120]!r}")
+    assert pages["index.html"].find_all("table"), "the home page's results tables are missing"
+
+
 def test_internal_links_resolve(pages):
     for name, soup in pages.items():
         for tag in soup.find_all(["a", "link", "img", "script", "source"]):
