@@ -12,7 +12,8 @@ set during the first call, via Linux's /proc, AdamW's state included; CUDA: torc
 and a markdown table is printed.
 """
 from __future__ import annotations
-import argparse, json, os, platform, subprocess, sys, time
+import argparse, json, os, platform, statistics, subprocess, sys, time
+from importlib.metadata import version
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -79,9 +80,7 @@ def interleaved(steps: dict, device, rounds: int, iters: int, warmup: int) -> di
 
 def summary(seconds: list[float], batch: int) -> dict:
     "img/s from the median time per call, and the range over rounds."
-    s = sorted(seconds)
-    med = s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
-    return dict(img_s=batch / med, img_s_min=batch / s[-1], img_s_max=batch / s[0], rounds=len(s))
+    return dict(img_s=batch / statistics.median(seconds), img_s_min=batch / max(seconds), img_s_max=batch / min(seconds), rounds=len(seconds))
 
 def _proc_status_kb(field: str) -> int:
     "A memory field of /proc/self/status (Linux), in kB: VmRSS = resident now, VmHWM = peak resident."
@@ -111,8 +110,6 @@ def measure_memory(args, name: str, mode: str, arch_name: str, image_size: int, 
 def environment(device) -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
           if Path("/proc/cpuinfo").exists() else platform.processor()
-    import vit_pytorch
-    from importlib.metadata import version
     return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else cpu, cpu_threads=torch.get_num_threads(),
                 torch=torch.__version__, vit_pytorch=version("vit-pytorch"), python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d"))
