@@ -68,7 +68,7 @@ def test_spt_and_lsa_only_in_sl_pit(name):
     assert len(attn) == sum(m.config.depths) and m.config.sl == sl
     for a in attn:
         assert a.diag_mask == sl and (a.temperature is not None) == sl
-        if sl: assert a.temperature.requires_grad and torch.allclose(a.temperature, torch.full_like(a.temperature, math.sqrt(a.head_dim)))
+        if sl: assert a.temperature.scale.requires_grad and torch.allclose(a.temperature(), torch.full_like(a.temperature(), math.sqrt(a.head_dim)))
     assert isinstance(m.embed.tokenizer, ShiftedPatchTokenization) == sl
     assert all(isinstance(p, SPTPooling if sl else ConvPooling) for p in m.pools) and len(m.pools) == 2
 

@@ -87,7 +87,7 @@ def temperatures(
     rows = []
     for b in model.blocks:
         a = b.attn
-        rows.append(a.temperature.detach().cpu().double() if a.temperature is not None else torch.full((a.heads,), math.sqrt(a.head_dim), dtype=torch.float64))
+        rows.append(a.temperature().detach().cpu().double() if a.temperature is not None else torch.full((a.heads,), math.sqrt(a.head_dim), dtype=torch.float64))
     return torch.stack(rows)
 
 # %% ../nbs/08_experiments.ipynb #a8981ce2
