@@ -120,6 +120,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def learned_temperatures(out_dir: str | Path) -> list[list[float]] | None:
+    "τ per head of every attention layer with a learned temperature, read from the run's final checkpoint."
+    state = load_checkpoint(Path(out_dir) / "checkpoint.pt")["model"]
+    rows = [(1 / v if k.endswith("temperature.scale") else v).tolist() for k, v in state.items()
+            if k.endswith(("temperature.scale", "temperature.tau"))]          # module order: block 0 first
+    return rows or None
+
+
 def run_name(model: str, seed: int, depth: int | None) -> str:
     return f"{model}_seed{seed}" if depth is None else f"{model}_d{depth}_seed{seed}"
 
@@ -167,7 +175,8 @@ def main(argv=None):
         env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(), cpu=cpu_name(),
                    threads=torch.get_num_threads(),
                    device="cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name())
-        write_json(dst, dict(suite=a.suite, config=asdict(cfg), summary=summary, history=hist, subset=subset, env=env))
+        write_json(dst, dict(suite=a.suite, config=asdict(cfg), summary=summary, history=hist, subset=subset, env=env,
+                             temperatures=learned_temperatures(cfg.out_dir)))
         print(f"{name}: final {summary['final_acc']:.2%}, best {summary['best_acc']:.2%} (epoch {summary['best_epoch']}), "
               f"{summary['train_time']:.0f}s training, {time.time() - t0:.0f}s wall -> {dst}", flush=True)
 
