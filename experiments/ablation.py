@@ -45,11 +45,8 @@ SUITES = {
     "digits_swin": dict(models=["swin", "sl_swin"], seeds=[0, 1, 2], cfg=DIGITS),
     # where does locality start to matter? ViT vs SL-ViT over depth, width 96 (the "small" preset), one seed
     "cifar10_sweep": dict(models=["vit", "sl_vit"], seeds=[0], depths=[4, 6, 2, 9], cfg=dict(CIFAR, preset="small")),
-    # the ablation at the chosen preset
-    "cifar10_small": dict(models=LSA_ABLATION, seeds=[0, 1, 2], cfg=dict(CIFAR, preset="small")),
-    # the 2-block tiny model of earlier versions (kept for reference; evaluated every epoch)
-    "cifar10_subset": dict(models=["vit", "vit_spt", "vit_lsa", "sl_vit"], seeds=[0, 1],
-                           cfg=dict(CIFAR, preset="tiny", eval_every=1)),
+    # the ablation at the chosen preset, and a CNN of about the same size for context (chapter 7a)
+    "cifar10_small": dict(models=LSA_ABLATION + ["resnet20"], seeds=[0, 1, 2], cfg=dict(CIFAR, preset="small")),
 }
 
 
@@ -166,7 +163,8 @@ def main(argv=None):
         dst = Path(a.results) / a.suite / f"{name}.json"
         if dst.exists(): continue
         extra = {} if depth is None else dict(depth=depth)
-        cfg = TrainConfig(**suite["cfg"], **extra, model=model, seed=seed, out_dir=str(Path(a.runs) / a.suite / name))
+        if model.startswith("resnet"): extra["preset"] = None   # CNNs have no ViT presets
+        cfg = TrainConfig(**{**suite["cfg"], **extra}, model=model, seed=seed, out_dir=str(Path(a.runs) / a.suite / name))
         ckpt = Path(cfg.out_dir) / "checkpoint.pt"
         resume = ckpt.exists() and load_checkpoint(ckpt)["config"] == asdict(cfg)
         t0 = time.time()
