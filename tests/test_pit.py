@@ -125,7 +125,8 @@ def test_tiny_preset_is_small():
 def test_one_epoch_of_training_on_digits(tmp_path):
     s = train(TrainConfig(model="sl_pit", preset="tiny", dataset="digits", image_size=16, epochs=1, warmup_epochs=0,
                           batch_size=64, out_dir=str(tmp_path)), progress=False, log=False)
-    assert s["model"] == "sl_pit" and s["epochs_done"] == 1 and 0.0 <= s["final_acc"] <= 1.0
+    assert s["model"] == "sl_pit" and s["epochs_done"] == 1
+    assert s["final_acc"] > 0.2   # one epoch already learns: chance is 0.1 (measured: 0.42)
     assert (tmp_path / "metrics.json").is_file()
 
 

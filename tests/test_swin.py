@@ -165,5 +165,6 @@ def test_one_epoch_of_training_on_digits():
     with tempfile.TemporaryDirectory() as d:
         s = train(TrainConfig(model="sl_swin", preset="tiny", dataset="digits", image_size=16, epochs=1, warmup_epochs=0,
                               batch_size=256, out_dir=d), progress=False, log=False)
-    assert s["epochs_done"] == 1 and 0 <= s["final_acc"] <= 1
+    assert s["epochs_done"] == 1
+    assert s["final_acc"] > 0.15   # one epoch already learns: chance is 0.1 (measured: 0.24)
     assert s["params"] == count_params(create_model("sl_swin", image_size=16, preset="tiny", in_chans=1))

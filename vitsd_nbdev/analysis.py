@@ -233,18 +233,19 @@ def _pm(m: float, s: float) -> str:
 
 def ablation_markdown(
     summary: dict[str, dict],  # from `summarise_runs`
-    runs: list[dict] | None = None,  # with them, a column of paired differences to ViT (final accuracy)
+    runs: list[dict] | None = None,  # with them, a column of paired differences to the first model
 ) -> str:                      # a markdown table
-    "The ablation table as markdown: n, final and best test accuracy (mean ± std, %), Δ to ViT, time."
+    "The ablation table as markdown: n, final and best test accuracy (mean ± std, %), Δ to the first model, time."
+    base = next(iter(summary))
     head = "| model | n (seeds) | final test acc. (%) | best test acc. (%) |"
-    head += " Δ final vs ViT, paired (± SE) |" if runs else ""
+    head += f" Δ final vs {NAMES.get(base, base)}, paired (± SE) |" if runs else ""
     rows = [head + " train time / run (s) |", "|---" * (head.count("|") - 1) + "|---|"]
     for m, s in summary.items():
         t = "–" if math.isnan(s["time"]) else f"{s['time']:.0f}"
         row = f"| {NAMES.get(m, m)} | {s['n']} | {_pm(s['final'], s['final_std'])} | {_pm(s['best'], s['best_std'])} |"
         if runs:
-            p = paired_difference(runs, m)
-            row += " – |" if m == "vit" or p["n"] == 0 else f" {_pm(p['diff'], p['se'])} ({p['verdict']}) |"
+            p = paired_difference(runs, m, base)
+            row += " – |" if m == base or p["n"] == 0 else f" {_pm(p['diff'], p['se'])} ({p['verdict']}) |"
         rows.append(row + f" {t} |")
     return "\n".join(rows)
 
