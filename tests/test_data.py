@@ -229,6 +229,9 @@ def test_file_of_another_size_is_refused(tmp_path):
     assert ds[0][0].shape == (1, 20, 20)
     with pytest.raises(ValueError, match="pass image_size="):
         ds[1]
+    with pytest.raises(ValueError, match="pass image_size=") as e:                   # from a loader worker
+        to_tensors(ds, cache=False, num_workers=1)
+    assert one_line(e) and "001.png" in str(e.value)
 
 
 def test_resize_square_shorter_side_then_centre_crop():

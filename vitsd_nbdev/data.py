@@ -168,7 +168,7 @@ def _digits(split: str, image_size: int | None) -> TensorImages:
 
 # %% ../nbs/06_data.ipynb #a41c4922
 class ImageFileError(ValueError):
-    "An image file that cannot be decoded; the message is one line that names the file."
+    "An image file that cannot be used (unreadable, or of the wrong size); one line that names it."
     def __init__(self, msg: str):
         # raised in a DataLoader worker, it arrives as "Caught ImageFileError ... Traceback ...
         # <module>.ImageFileError: <msg>": keep only <msg>
@@ -219,7 +219,7 @@ class FileImages(ImageDataset):
         if self.resize: return resize_square(x, self.image_size)
         S = self.image_size
         if S is not None and tuple(x.shape[-2:]) != (S, S):
-            raise ValueError(f"{self.files[i]} is {x.shape[-1]}×{x.shape[-2]} but this dataset's images are {S}×{S}: pass image_size= to get_dataset to resize them all")
+            raise ImageFileError(f"{self.files[i]} is {x.shape[-1]}×{x.shape[-2]} but this dataset's images are {S}×{S}: pass image_size= to get_dataset to resize them all")
         return x
 
     @property
