@@ -83,7 +83,7 @@ def test_stratified_split_equals_scikit_learns():
     ms = pytest.importorskip("sklearn.model_selection")
     rs = np.random.RandomState(1)
     cases = [(digits_arrays()[1], 0.2, 0)]                                  # the digits split itself
-    while len(cases) < 150:
+    while len(cases) < 151:                                               # the digits and 150 random sets
         k = rs.randint(2, 12)
         y = rs.randint(0, k, rs.randint(3 * k, 300))
         if np.bincount(y, minlength=k).min() >= 2: cases.append((y, rs.choice([0.1, 0.15, 0.2, 0.3, 0.5]), len(cases)))
