@@ -9,8 +9,8 @@ import hashlib
 import math
 import os
 import re
-from importlib import resources
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
