@@ -135,7 +135,7 @@ def test_run_folder_rebuilds_the_trained_model(tmp_path):
 
 
 def test_val_split_chooses_the_best_epoch_on_validation(tmp_path):
-    cfg = TrainConfig(**TINY, epochs=4, val_split=0.2, out_dir=str(tmp_path))
+    cfg = TrainConfig(**TINY, epochs=6, val_split=0.1, out_dir=str(tmp_path))
     s = train(cfg, progress=False, log=False)
     hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
     best = max(hist, key=lambda h: h["val_acc"])
@@ -149,6 +149,21 @@ def test_val_split_chooses_the_best_epoch_on_validation(tmp_path):
     plain = train(TrainConfig(**TINY, epochs=1, out_dir=str(tmp_path / "plain")), progress=False, log=False)
     assert plain["best_on"] == "test" and plain["best_val_acc"] is None
 
+
+def test_best_weights_are_those_of_the_best_validation_epoch(tmp_path, monkeypatch):
+    "With scripted accuracies, validation picks epoch 2 while test would pick epoch 3; best.safetensors is epoch 2's."
+    import vitsd_nbdev.training as training
+    scripted = iter([(1.0, 0.5), (1.0, 0.5), (1.0, 0.9), (1.0, 0.6), (1.0, 0.6), (1.0, 0.9)])   # (val, test) per epoch
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: next(scripted))
+    mine = create_model("vit", image_size=16, preset="tiny", in_chans=1)
+    snapshots = {}
+    def snapshot(m): snapshots[m["epoch"]] = {k: v.clone() for k, v in mine.state_dict().items()}
+    s = train(TrainConfig(**TINY, epochs=3, val_split=0.1, out_dir=str(tmp_path)), model=mine, progress=False,
+              log=False, on_epoch_end=snapshot)
+    assert (s["best_epoch"], s["best_val_acc"], s["best_acc"], s["final_acc"]) == (2, 0.9, 0.6, 0.9)
+    best = load_file(tmp_path / "best.safetensors")
+    for k, v in snapshots[2].items(): assert torch.equal(best[k], v), k
+    assert any(not torch.equal(best[k], v) for k, v in snapshots[3].items())
 
 def test_demo_reaches_a_sane_accuracy(tmp_path, capsys):
     # the main job's recipe, shortened: after 10 epochs both models are far above the 10% of chance
