@@ -95,12 +95,12 @@ class TrainConfig:
     batch_size: int = 128     # global batch, split over processes under torchrun
     lr: float = 1e-3          # peak learning rate of AdamW, reached at the end of the warm-up
     min_lr: float = 1e-6      # start of warm-up and end of the cosine
-    warmup_epochs: int | None = None  # linear warm-up; None: a tenth of epochs, rounded up, at most 10
+    warmup_epochs: int | None = None  # linear warm-up; None: epochs / 10 rounded up, at most 10
     weight_decay: float = 0.05  # AdamW weight decay of the weight matrices
     drop_path: float | None = None  # stochastic depth; None: the model's (0.1 for the paper's)
     grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
     augment: bool = True      # the dataset's default augmentation recipe (chapter 6); off: none
-    amp: str = "auto"         # mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off
+    amp: str = "auto"         # mixed precision: auto (the device's best, see amp_dtype), bf16, fp16, off
     compile: bool = False     # torch.compile the model (training steps; evaluation stays eager)
     seed: int = 0             # seeds initialisation, data order, augmentation and validation split
     device: str = "auto"      # auto (cuda if available, else cpu), cpu or cuda
@@ -132,7 +132,7 @@ class TrainConfig:
 
     @property
     def warmup(self) -> int:
-        "Epochs of warm-up: `warmup_epochs`, or by default a tenth of the run (at most the paper's 10)."
+        "Epochs of warm-up: `warmup_epochs`, or by default a tenth of the run (at most 10)."
         if self.warmup_epochs is not None: return self.warmup_epochs
         return min(10, math.ceil(self.epochs / 10))
 
@@ -183,8 +183,9 @@ def evaluate(
     "Mean cross-entropy and accuracy of `model` on every batch of `loader`."
     was_training = model.training
     model.eval()
-    loss_sum, correct, n = torch.zeros((), device=device), torch.zeros((), device=device), 0   # summed on the device:
-    for x, y in loader:                                                                        # no per-batch sync
+    loss_sum = torch.zeros((), device=device)      # summed on the device: no per-batch sync
+    correct, n = torch.zeros((), device=device), 0
+    for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
             logits = model(x)
