@@ -1,15 +1,21 @@
-"""Run the ablation suites of chapters 8 and 9: model variants x seeds, one `train` call each.
+"""Run the ablation suites of chapters 8 and 9: model variants x seeds (x depths), one `train` call each.
 
 Usage, from the repository root:
     .venv/bin/python experiments/ablation.py --suite digits
-    .venv/bin/python experiments/ablation.py --suite cifar10_subset [--seeds 0 1] [--models vit sl_vit]
-    .venv/bin/python experiments/ablation.py --suite cifar10_subset --list     # what is done, what is left
     .venv/bin/python experiments/ablation.py --suite digits_pit                # chapter 9: PiT vs SL-PiT
+    .venv/bin/python experiments/ablation.py --suite cifar10_sweep --download  # CIFAR-10 via torchvision
+    .venv/bin/python experiments/ablation.py --suite cifar10_small --cifar10 path/to/cifar10  # an ImageFolder
+    .venv/bin/python experiments/ablation.py --suite cifar10_small --list     # what is done, what is left
 
-Each run trains in runs/ablation/<suite>/<model>_seed<k>/ (git-ignored: checkpoint, curves) and saves its
-config, per-epoch history and summary to results/<suite>/<model>_seed<k>.json (small, committed).
-A run whose JSON exists is skipped, so an interrupted suite is resumed by running the same command again;
-an unfinished run restarts from its last epoch checkpoint. JSON files are written atomically.
+The CIFAR-10 suites train on a class-balanced 5,000-image subset of the training split (500 per class,
+chosen once with a fixed seed) and test on all 10,000 test images. The data comes from torchvision's
+CIFAR-10 (`--download` fetches it into `--data-root`) or from a CIFAR-10 ImageFolder you pass with
+`--cifar10` (`train/<class>/*` and `test/<class>/*`).
+
+Each run trains in runs/ablation/<suite>/<run>/ (git-ignored: checkpoint, curves) and saves its config,
+per-epoch history, summary and environment to results/<suite>/<run>.json (small, committed). A run whose
+JSON exists is skipped, so an interrupted suite is resumed by running the same command again; an
+unfinished run restarts from its last epoch checkpoint. JSON files are written atomically.
 """
 from __future__ import annotations
 import argparse, hashlib, json, os, platform, sys, time
@@ -22,79 +28,155 @@ import torch
 from vitsd_nbdev.training import TrainConfig, load_checkpoint, train
 from vitsd_nbdev.vit import ADD_ON_MODELS, VARIANTS
 
-CIFAR_SOURCE = "../shared/data/cifar10"  # the JPEG ImageFolder copy (train/<class>/*.jpg, test/<class>/*.jpg)
 SUBSET_PER_CLASS, SUBSET_SEED = 500, 0   # 10 classes x 500 = 5,000 training images, chosen once with this seed
+SUBSET_DIR = "runs/data/cifar10_subset5000"
 
 # the vitsd-demo recipe: tiny preset, 16x16 digits, 40 epochs, batch 64, 5 warm-up epochs, lr 1e-3
 DIGITS = dict(dataset="digits", image_size=16, preset="tiny", epochs=40, warmup_epochs=5, batch_size=64, lr=1e-3)
+# CIFAR-10 subset: the image-folder recipe at 32x32 (patch 4, an 8x8 token grid), 100 epochs,
+# evaluated on the 10,000 test images every 5 epochs and after the last
+CIFAR = dict(dataset=f"imagefolder:{SUBSET_DIR}", image_size=32, epochs=100, warmup_epochs=10, batch_size=128,
+             lr=1e-3, eval_every=5)
+LSA_ABLATION = ["vit", "vit_spt", "vit_lsa", "sl_vit", "vit_mask", "vit_temp"]
 SUITES = {
-    "digits": dict(models=list(VARIANTS), seeds=[0, 1, 2], cfg=DIGITS),
+    "digits": dict(models=LSA_ABLATION, seeds=[0, 1, 2], cfg=DIGITS),
     # chapter 9: the add-on models, plain and SL, with the same recipe (each model family's own "tiny" preset)
     "digits_pit": dict(models=["pit", "sl_pit"], seeds=[0, 1, 2], cfg=DIGITS),
     "digits_swin": dict(models=["swin", "sl_swin"], seeds=[0, 1, 2], cfg=DIGITS),
-    # a class-balanced 5,000-image subset of CIFAR-10's training split, the full 10,000-image test split;
-    # tiny preset at 32x32 (patch 4, an 8x8 token grid), the imagefolder default augmentation
-    "cifar10_subset": dict(models=list(VARIANTS), seeds=[0, 1], cfg=dict(dataset="imagefolder:runs/data/cifar10_subset5000", image_size=32,
-                                                  preset="tiny", epochs=100, warmup_epochs=10, batch_size=128, lr=1e-3)),
+    # where does locality start to matter? ViT vs SL-ViT over depth, width 96 (the "small" preset), one seed
+    "cifar10_sweep": dict(models=["vit", "sl_vit"], seeds=[0], depths=[4, 6, 2, 9], cfg=dict(CIFAR, preset="small")),
+    # the ablation at the chosen preset, and a CNN of about the same size for context (chapter 7a)
+    "cifar10_small": dict(models=LSA_ABLATION + ["resnet20"], seeds=[0, 1, 2], cfg=dict(CIFAR, preset="small")),
 }
 
-def cifar10_subset(source: str | Path = CIFAR_SOURCE, dest: str | Path = "runs/data/cifar10_subset5000",
-                   per_class: int = SUBSET_PER_CLASS, seed: int = SUBSET_SEED) -> dict:
-    "Build (idempotently) an ImageFolder of symlinks: `per_class` training images per class chosen by a seeded permutation, the whole test split."
+
+def _choose(n_files: int, per_class: int, seed: int, class_index: int) -> np.ndarray:
+    "The `per_class` indices (sorted) taken from a class of `n_files` training images."
+    return np.sort(np.random.default_rng([seed, class_index]).permutation(n_files)[:per_class])
+
+
+def subset_from_folder(source: str | Path, dest: str | Path = SUBSET_DIR, per_class: int = SUBSET_PER_CLASS,
+                       seed: int = SUBSET_SEED) -> dict:
+    "Build (idempotently) an ImageFolder of symlinks into a CIFAR-10 ImageFolder: a class-balanced training subset, the whole test split."
     source, dest = Path(source).resolve(), Path(dest)
     if not (source / "train").is_dir() or not (source / "test").is_dir():
-        sys.exit(f"no CIFAR-10 ImageFolder at {source} (expected train/<class>/*.jpg and test/<class>/*.jpg); pass --cifar-source")
+        sys.exit(f"no CIFAR-10 ImageFolder at {source} (expected train/<class>/* and test/<class>/*); "
+                 "check --cifar10, or use --download")
     chosen = []
-    for c in sorted(d.name for d in (source / "train").iterdir() if d.is_dir()):
+    for ci, c in enumerate(sorted(d.name for d in (source / "train").iterdir() if d.is_dir())):
         files = sorted(f.name for f in (source / "train" / c).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if len(files) < per_class: sys.exit(f"class {c} has only {len(files)} training images, fewer than {per_class}")
-        pick = np.sort(np.random.default_rng([seed, len(chosen)]).permutation(len(files))[:per_class])
-        chosen += [f"{c}/{files[i]}" for i in pick]
+        chosen += [f"{c}/{files[i]}" for i in _choose(len(files), per_class, seed, ci)]
     for rel in chosen:
         link = dest / "train" / rel
         if not link.is_symlink():
             link.parent.mkdir(parents=True, exist_ok=True); link.symlink_to(source / "train" / rel)
     if not (dest / "test").is_symlink(): (dest / "test").symlink_to(source / "test", target_is_directory=True)
-    return dict(source=str(source), per_class=per_class, seed=seed, n_train=len(chosen),
+    return dict(source="imagefolder", per_class=per_class, seed=seed, n_train=len(chosen),
                 files_sha1=hashlib.sha1("\n".join(chosen).encode()).hexdigest())
 
+
+def subset_from_torchvision(root: str | Path, download: bool, dest: str | Path = SUBSET_DIR,
+                            per_class: int = SUBSET_PER_CLASS, seed: int = SUBSET_SEED) -> dict:
+    "Write (idempotently) torchvision's CIFAR-10 as a PNG ImageFolder: a class-balanced training subset, the whole test split."
+    from torchvision.datasets import CIFAR10
+    from PIL import Image
+    dest, chosen = Path(dest), []
+    try:
+        splits = {s: CIFAR10(root, train=s == "train", download=download) for s in ("train", "test")}
+    except RuntimeError as e:
+        sys.exit(f"CIFAR-10 not found in {root} ({e}); add --download, or pass an ImageFolder with --cifar10")
+    for split, ds in splits.items():
+        labels = np.asarray(ds.targets)
+        for ci, c in enumerate(ds.classes):
+            idx = np.flatnonzero(labels == ci)
+            if split == "train": idx = idx[_choose(len(idx), per_class, seed, ci)]
+            for i in idx:
+                f = dest / split / c / f"{i:05d}.png"
+                if not f.exists():
+                    f.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = f.with_name(f".{f.name}.tmp"); Image.fromarray(ds.data[i]).save(tmp, format="PNG"); os.replace(tmp, f)
+                if split == "train": chosen.append(f"{c}/{f.name}")
+    return dict(source="torchvision", per_class=per_class, seed=seed, n_train=len(chosen),
+                files_sha1=hashlib.sha1("\n".join(chosen).encode()).hexdigest())
+
+
 def write_json(path: Path, obj: dict):
-    "Write `obj` as JSON atomically: a temporary file in the same folder, then a rename."
+    "Write `obj` as strict JSON atomically: a temporary file in the same folder, then a rename."
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False)); os.replace(tmp, path)
+
+
+def cpu_name() -> str:
+    "The processor's model name as the OS reports it (e.g. for Linux, /proc/cpuinfo)."
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine()
+
+
+def learned_temperatures(out_dir: str | Path) -> list[list[float]] | None:
+    "τ per head of every attention layer with a learned temperature, read from the run's final checkpoint."
+    state = load_checkpoint(Path(out_dir) / "checkpoint.pt")["model"]
+    rows = [(1 / v if k.endswith("temperature.scale") else v).tolist() for k, v in state.items()
+            if k.endswith(("temperature.scale", "temperature.tau"))]          # module order: block 0 first
+    return rows or None
+
+
+def run_name(model: str, seed: int, depth: int | None) -> str:
+    return f"{model}_seed{seed}" if depth is None else f"{model}_d{depth}_seed{seed}"
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", required=True, choices=sorted(SUITES))
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the suite's seeds")
-    ap.add_argument("--models", nargs="+", default=None, choices=list(VARIANTS) + list(ADD_ON_MODELS), help="default: the suite's models")
+    ap.add_argument("--models", nargs="+", default=None, choices=list(VARIANTS) + list(ADD_ON_MODELS),
+                    help="default: the suite's models")
+    ap.add_argument("--depths", type=int, nargs="+", default=None, help="sweep suites: default the suite's depths")
     ap.add_argument("--results", default="results", help="folder of the JSON files")
     ap.add_argument("--runs", default="runs/ablation", help="folder of the run folders (checkpoints; git-ignored)")
-    ap.add_argument("--cifar-source", default=CIFAR_SOURCE)
+    ap.add_argument("--cifar10", default=None, metavar="FOLDER", help="CIFAR-10 as an ImageFolder (train/, test/)")
+    ap.add_argument("--download", action="store_true", help="CIFAR-10 from torchvision, downloaded if missing")
+    ap.add_argument("--data-root", default="data", help="torchvision's CIFAR-10 folder (with --download)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--list", action="store_true", help="only list which runs are done")
     a = ap.parse_args(argv)
+    if a.threads: torch.set_num_threads(a.threads)
     suite = SUITES[a.suite]
     seeds = a.seeds if a.seeds is not None else suite["seeds"]
     models = a.models if a.models is not None else suite["models"]
-    todo = [(s, m) for s in seeds for m in models]         # seed-major: a partial suite has whole seeds
-    done = [(s, m) for s, m in todo if (Path(a.results) / a.suite / f"{m}_seed{s}.json").exists()]
+    depths = a.depths if a.depths is not None else suite.get("depths", [None])
+    todo = [(d, s, m) for d in depths for s in seeds for m in models]   # depth- then seed-major
+    done = [t for t in todo if (Path(a.results) / a.suite / f"{run_name(t[2], t[1], t[0])}.json").exists()]
     print(f"{a.suite}: {len(done)} of {len(todo)} runs done")
-    if a.list: return
-    subset = cifar10_subset(a.cifar_source) if a.suite == "cifar10_subset" else None
-    for seed, model in todo:
-        dst = Path(a.results) / a.suite / f"{model}_seed{seed}.json"
+    if a.list or len(done) == len(todo): return
+    subset = None
+    if a.suite.startswith("cifar10"):
+        if a.cifar10: subset = subset_from_folder(a.cifar10)
+        elif a.download or Path(a.data_root, "cifar-10-batches-py").is_dir(): subset = subset_from_torchvision(a.data_root, a.download)
+        else: ap.error("the CIFAR-10 suites need data: --download (torchvision) or --cifar10 FOLDER (an ImageFolder)")
+    for depth, seed, model in todo:
+        name = run_name(model, seed, depth)
+        dst = Path(a.results) / a.suite / f"{name}.json"
         if dst.exists(): continue
-        cfg = TrainConfig(**suite["cfg"], model=model, seed=seed, out_dir=str(Path(a.runs) / a.suite / f"{model}_seed{seed}"))
+        extra = {} if depth is None else dict(depth=depth)
+        if model.startswith("resnet"): extra["preset"] = None   # CNNs have no ViT presets
+        cfg = TrainConfig(**{**suite["cfg"], **extra}, model=model, seed=seed, out_dir=str(Path(a.runs) / a.suite / name))
         ckpt = Path(cfg.out_dir) / "checkpoint.pt"
         resume = ckpt.exists() and load_checkpoint(ckpt)["config"] == asdict(cfg)
         t0 = time.time()
         summary = train(cfg, resume=resume, progress=False, log=False)
         hist = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())["history"]
-        write_json(dst, dict(suite=a.suite, config=asdict(cfg), summary=summary, history=hist, subset=subset,
-                             env=dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                                      threads=torch.get_num_threads(), device="cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name())))
-        print(f"{model} seed {seed}: final {summary['final_acc']:.2%}, best {summary['best_acc']:.2%} (epoch {summary['best_epoch']}), "
+        env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(), cpu=cpu_name(),
+                   threads=torch.get_num_threads(),
+                   device="cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+        write_json(dst, dict(suite=a.suite, config=asdict(cfg), summary=summary, history=hist, subset=subset, env=env,
+                             temperatures=learned_temperatures(cfg.out_dir)))
+        print(f"{name}: final {summary['final_acc']:.2%}, best {summary['best_acc']:.2%} (epoch {summary['best_epoch']}), "
               f"{summary['train_time']:.0f}s training, {time.time() - t0:.0f}s wall -> {dst}", flush=True)
+
 
 if __name__ == "__main__": main()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vitsd_nbdev.analysis import (ablation_markdown, attention_distance, attention_rollout, attention_stats, cls_attention,
+from vitsd_nbdev.analysis import (ablation_markdown, attention_distance, paired_difference, attention_rollout, attention_stats, cls_attention,
                                   effective_receptive_field, load_results, locality_shares, mean_std, patch_share,
                                   rollout_cls_map, summarise_runs, temperatures, to_pixels, token_positions)
 from vitsd_nbdev.lsa import attention_entropy
@@ -86,8 +86,8 @@ def test_stats_and_temperatures_on_models():
     assert torch.equal(st["self"], torch.zeros(2, 4, dtype=torch.float64))      # LSA masks the diagonal
     assert (st["entropy"] <= math.log(65) + 1e-6).all() and (st["entropy"] > 0).all()
     assert torch.equal(temperatures(m), torch.full((2, 4), 4.0, dtype=torch.float64))
-    with torch.no_grad(): m.blocks[1].attn.temperature[2] = 1.5
-    assert temperatures(m)[1, 2] == 1.5
+    m.blocks[1].attn.temperature.set_(torch.tensor([4.0, 4.0, 1.5, 4.0]))
+    assert abs(temperatures(m)[1, 2] - 1.5) < 1e-6
     v = create_model("vit", 10, 16, preset="tiny", in_chans=1).eval()
     assert (attention_stats(v.attention_maps(torch.randn(2, 1, 16, 16)), 2)["self"] > 0).all()
 
@@ -119,3 +119,25 @@ def test_results(tmp_path):
     assert "| ViT | 2 | 60.00 ± 14.14 | 70.00 ± 14.14 | 3 |" in md and "| SL-ViT (SPT + LSA) | 0 | – | – | – |" in md
     assert math.isnan(mean_std([1.0])[1]) and mean_std([])[2] == 0
     assert load_results(tmp_path / "missing") == []
+
+
+def _run(model, seed, acc, depth=None):
+    return dict(config=dict(model=model, seed=seed, depth=depth), history=[],
+                summary=dict(final_acc=acc, best_acc=acc, epochs_done=1, train_time=1.0))
+
+
+def test_paired_difference_pairs_by_seed_and_applies_the_2se_rule():
+    # seed-to-seed spread is large (50-70%) but SL-ViT is +1 point on every seed: paired, that is clear
+    runs = [_run("vit", s, a) for s, a in ((0, 0.5), (1, 0.7), (2, 0.6))]
+    runs += [_run("sl_vit", s, a + d) for s, a, d in ((0, 0.5, 0.010), (1, 0.7, 0.012), (2, 0.6, 0.008))]
+    p = paired_difference(runs, "sl_vit")
+    assert p["n"] == 3 and p["diff"] == pytest.approx(1.0) and p["se"] == pytest.approx(0.2 / math.sqrt(3))
+    assert p["verdict"].startswith("ahead")
+    # pairs are made by seed, not by position: shuffling the list changes nothing
+    assert paired_difference(runs[::-1], "sl_vit")["diff"] == pytest.approx(1.0)
+    # a difference inside 2 SE is noise; one seed gives no verdict; depth is part of the pairing
+    noisy = runs[:3] + [_run("sl_vit", s, a + d) for s, a, d in ((0, 0.5, 0.02), (1, 0.7, -0.02), (2, 0.6, 0.01))]
+    assert paired_difference(noisy, "sl_vit")["verdict"].startswith("within noise")
+    assert paired_difference(runs[:1] + runs[3:4], "sl_vit")["verdict"] == "one seed: no conclusion"
+    deep = [_run("vit", 0, 0.5, depth=4), _run("sl_vit", 0, 0.6, depth=6)]
+    assert paired_difference(deep, "sl_vit")["n"] == 0

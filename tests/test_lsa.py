@@ -6,8 +6,10 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vitsd_nbdev.lsa import (LocalitySelfAttention, SelfAttention, attention, attention_entropy,
-                             attention_weights, locality_attention)
+from vitsd_nbdev.lsa import (LearnedTemperature, LocalitySelfAttention, SelfAttention, attention,
+                             attention_entropy, attention_weights, locality_attention)
+from vitsd_nbdev.training import param_groups
+from vitsd_nbdev.vit import create_model
 
 
 def reference(q, k, v, temperature=None, diag_mask=False):
@@ -24,7 +26,7 @@ def reference_module(m, x):
     "SelfAttention's forward written out with `reference`."
     B, N, _ = x.shape
     q, k, v = (x @ m.qkv.weight.T).reshape(B, N, 3, m.heads, m.head_dim).permute(2, 0, 3, 1, 4)
-    o = reference(q, k, v, m.temperature, m.diag_mask)
+    o = reference(q, k, v, m.temperature() if m.temperature is not None else None, m.diag_mask)
     return o.transpose(1, 2).reshape(B, N, -1) @ m.proj.weight.T + m.proj.bias
 
 
@@ -105,13 +107,13 @@ def test_half_precision_is_finite_and_close(dtype, tol_kernel, tol_total):
 
 
 @pytest.mark.parametrize("diag_mask", [False, True])
-@pytest.mark.parametrize("learned", [False, True])
-def test_module_matches_reference_for_all_four_variants(diag_mask, learned):
+@pytest.mark.parametrize("learned,form", [(False, "inverse"), (True, "inverse"), (True, "direct")])
+def test_module_matches_reference_for_all_four_variants(diag_mask, learned, form):
     torch.manual_seed(0)
-    m = SelfAttention(32, heads=4, head_dim=8, diag_mask=diag_mask, learned_temperature=learned)
+    m = SelfAttention(32, 4, 8, diag_mask=diag_mask, learned_temperature=learned, temperature_form=form)
     if learned:
-        with torch.no_grad():
-            m.temperature.copy_(torch.tensor([0.7, 1.5, 2.8, 5.0]))
+        m.temperature.set_(torch.tensor([0.7, 1.5, 2.8, 5.0]))
+        torch.testing.assert_close(m.temperature(), torch.tensor([0.7, 1.5, 2.8, 5.0]))
     x = torch.randn(2, 10, 32)
     torch.testing.assert_close(m(x), reference_module(m, x), atol=1e-5, rtol=0)
     m64, x64 = m.double(), x.double()
@@ -120,13 +122,18 @@ def test_module_matches_reference_for_all_four_variants(diag_mask, learned):
 
 def test_defaults_and_temperature_parameter():
     lsa = LocalitySelfAttention(32, 4, 8)
-    assert lsa.diag_mask and isinstance(lsa.temperature, nn.Parameter)
-    assert torch.equal(lsa.temperature.detach(), torch.full((4,), math.sqrt(8)))
+    assert lsa.diag_mask and isinstance(lsa.temperature, LearnedTemperature)
+    torch.testing.assert_close(lsa.temperature().detach(), torch.full((4,), math.sqrt(8)))
+    assert torch.equal(lsa.temperature.scale.detach(), torch.full((4,), 8 ** -0.5))   # official: s = 1/τ
+    direct = LocalitySelfAttention(32, 4, 8, temperature_form="direct")
+    assert torch.equal(direct.temperature.tau.detach(), torch.full((4,), math.sqrt(8)))
     sa = SelfAttention(32, 4, 8)
     assert not sa.diag_mask and sa.temperature is None
     assert sa.qkv.bias is None and sa.qkv.weight.shape == (3 * 4 * 8, 32) and sa.proj.weight.shape == (32, 4 * 8)
     assert sum(p.numel() for p in lsa.parameters()) - sum(p.numel() for p in sa.parameters()) == 4
-    assert "temperature" in dict(lsa.named_parameters()) and "temperature" not in dict(sa.named_parameters())
+    assert list(dict(lsa.named_parameters())).count("temperature.scale") == 1
+    assert not any("temperature" in n for n, _ in sa.named_parameters())
+    with pytest.raises(ValueError, match="'inverse' or 'direct'"): LearnedTemperature(4, 8, "log")
 
 
 def test_without_lsa_options_it_is_torch_multihead_attention():
@@ -165,11 +172,11 @@ def test_gradient_reaches_the_temperature_and_matches_reference():
     m = LocalitySelfAttention(32, 4, 8)
     x = torch.randn(2, 10, 32)
     m(x).square().mean().backward()
-    g = m.temperature.grad.clone()
+    g = m.temperature.scale.grad.clone()
     m.zero_grad()
     reference_module(m, x).square().mean().backward()
     assert (g != 0).all()
-    torch.testing.assert_close(g, m.temperature.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(g, m.temperature.scale.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_autocast_bfloat16_cpu():
@@ -183,7 +190,8 @@ def test_autocast_bfloat16_cpu():
     assert out.dtype == torch.bfloat16 and out.isfinite().all() and w.isfinite().all()
     torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=0)
     out.float().square().mean().backward()
-    assert m.temperature.grad.dtype == torch.float32 and m.temperature.grad.isfinite().all() and (m.temperature.grad != 0).any()
+    g = m.temperature.scale.grad
+    assert g.dtype == torch.float32 and g.isfinite().all() and (g != 0).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -249,3 +257,35 @@ def test_cached_mask_survives_inference_mode():
     tau = torch.tensor([2.0, 2.0], requires_grad=True)
     locality_attention(q, k, v, tau).sum().backward()                 # reused in a training step
     assert tau.grad is not None and tau.grad.isfinite().all()
+
+
+def _sharpening_steps(form: str, steps: int = 100) -> float:
+    "Mean relative change of τ after AdamW steps (lr 1e-3, the trainer's groups) on a sharpening loss."
+    torch.manual_seed(0)
+    m = create_model("vit_lsa", num_classes=10, image_size=16, preset="tiny", in_chans=1,
+                     temperature_form=form)
+    x = torch.randn(8, 1, 16, 16)
+    opt = torch.optim.AdamW(param_groups(m, 0.05), lr=1e-3)
+    tau0 = torch.stack([b.attn.temperature().detach() for b in m.blocks])
+    for _ in range(steps):
+        z, loss = m.embed(x), 0.0
+        for b in m.blocks:
+            z, w = b(z, return_weights=True)
+            loss = loss - w.square().sum(-1).mean()   # larger Σ p² = sharper attention
+        opt.zero_grad(); loss.backward(); opt.step()
+    tau = torch.stack([b.attn.temperature().detach() for b in m.blocks])
+    return (tau / tau0 - 1).abs().mean().item()
+
+
+def test_default_temperature_learns_at_the_official_rate():
+    # the official multiplier s = 1/τ: 100 AdamW steps move τ by more than 10%;
+    # a stored τ moves by at most about lr per step (100 * 1e-3 / 4 = 2.5%)
+    assert _sharpening_steps("inverse") > 0.10
+    assert _sharpening_steps("direct") < 0.03
+
+
+@pytest.mark.parametrize("tau", [[1.0, 0.0, 2.0, 3.0], [1.0, -1.0, 2.0, 3.0], [1.0, float("nan"), 2.0, 3.0]])
+def test_bad_temperature_tensor_is_refused(tau):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="positive and finite"):
+        locality_attention(q, k, v, torch.tensor(tau))

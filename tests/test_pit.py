@@ -68,7 +68,7 @@ def test_spt_and_lsa_only_in_sl_pit(name):
     assert len(attn) == sum(m.config.depths) and m.config.sl == sl
     for a in attn:
         assert a.diag_mask == sl and (a.temperature is not None) == sl
-        if sl: assert a.temperature.requires_grad and torch.allclose(a.temperature, torch.full_like(a.temperature, math.sqrt(a.head_dim)))
+        if sl: assert a.temperature.scale.requires_grad and torch.allclose(a.temperature(), torch.full_like(a.temperature(), math.sqrt(a.head_dim)))
     assert isinstance(m.embed.tokenizer, ShiftedPatchTokenization) == sl
     assert all(isinstance(p, SPTPooling if sl else ConvPooling) for p in m.pools) and len(m.pools) == 2
 
@@ -125,7 +125,8 @@ def test_tiny_preset_is_small():
 def test_one_epoch_of_training_on_digits(tmp_path):
     s = train(TrainConfig(model="sl_pit", preset="tiny", dataset="digits", image_size=16, epochs=1, warmup_epochs=0,
                           batch_size=64, out_dir=str(tmp_path)), progress=False, log=False)
-    assert s["model"] == "sl_pit" and s["epochs_done"] == 1 and 0.0 <= s["final_acc"] <= 1.0
+    assert s["model"] == "sl_pit" and s["epochs_done"] == 1
+    assert s["final_acc"] > 0.2   # one epoch already learns: chance is 0.1 (measured: 0.42)
     assert (tmp_path / "metrics.json").is_file()
 
 

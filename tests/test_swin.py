@@ -42,7 +42,7 @@ def dense_window_attention(x, a: WindowAttention):
     idx = (off[..., 0] * (2 * M - 1) + off[..., 1]).clamp(0, (2 * M - 1) ** 2 - 1)
     bias = a.relative_position_bias_table[idx].permute(2, 0, 1).masked_fill(~same, float("-inf"))
     q, k, v = rearrange(a.qkv(x), "b n (three h d) -> three b h n d", three=3, h=h)
-    w = attention_weights(q, k, a.temperature if a.lsa else math.sqrt(a.head_dim), a.lsa, bias)
+    w = attention_weights(q, k, a.temperature() if a.lsa else math.sqrt(a.head_dim), a.lsa, bias)
     return a.proj(rearrange(w @ v, "b h n d -> b n (h d)"))
 
 
@@ -75,7 +75,7 @@ def test_window_attention_equals_dense_definition(grid, M, s, lsa):
     a = WindowAttention(32, 2, grid, M, s, lsa)
     with torch.no_grad():
         a.relative_position_bias_table.normal_()
-        if lsa: a.temperature.uniform_(1, 6)
+        if lsa: a.temperature.set_(torch.empty(a.heads).uniform_(1, 6))
     x = torch.randn(2, grid * grid, 32)
     with torch.no_grad(): assert torch.allclose(a(x), dense_window_attention(x, a), atol=1e-5)
 
@@ -84,7 +84,7 @@ def test_lsa_window_weights_diagonal_zero_and_bias_enters():
     torch.manual_seed(1)
     a = WindowAttention(32, 2, grid=8, window_size=4, shift=2, lsa=True)
     with torch.no_grad():
-        a.relative_position_bias_table.normal_(); a.temperature.uniform_(1, 6)
+        a.relative_position_bias_table.normal_(); a.temperature.set_(torch.empty(a.heads).uniform_(1, 6))
         x = torch.randn(2, 64, 32)
         _, w = a(x, return_weights=True)                                   # [B, nW, heads, 16, 16]
         assert torch.equal(w.diagonal(dim1=-2, dim2=-1), torch.zeros(2, 4, 2, 16))
@@ -92,8 +92,8 @@ def test_lsa_window_weights_diagonal_zero_and_bias_enters():
         win = window_partition(torch.roll(x.view(2, 8, 8, 32), (-2, -2), (1, 2)), 4)
         q, k, _ = rearrange(a.qkv(win), "b n t (three h d) -> three b n h t d", three=3, h=2)
         bias = a.relative_bias()[None] + a.window_mask[:, None]
-        explicit = torch.stack([attention_weights(q[:, n], k[:, n], a.temperature, True, bias[n]) for n in range(4)], 1)
-        without_b = torch.stack([attention_weights(q[:, n], k[:, n], a.temperature, True, a.window_mask[n]) for n in range(4)], 1)
+        explicit = torch.stack([attention_weights(q[:, n], k[:, n], a.temperature(), True, bias[n]) for n in range(4)], 1)
+        without_b = torch.stack([attention_weights(q[:, n], k[:, n], a.temperature(), True, a.window_mask[n]) for n in range(4)], 1)
     assert torch.allclose(w, explicit, atol=1e-6)
     assert (w - without_b).abs().max() > 1e-2
 
@@ -165,5 +165,6 @@ def test_one_epoch_of_training_on_digits():
     with tempfile.TemporaryDirectory() as d:
         s = train(TrainConfig(model="sl_swin", preset="tiny", dataset="digits", image_size=16, epochs=1, warmup_epochs=0,
                               batch_size=256, out_dir=d), progress=False, log=False)
-    assert s["epochs_done"] == 1 and 0 <= s["final_acc"] <= 1
+    assert s["epochs_done"] == 1
+    assert s["final_acc"] > 0.15   # one epoch already learns: chance is 0.1 (measured: 0.24)
     assert s["params"] == count_params(create_model("sl_swin", image_size=16, preset="tiny", in_chans=1))

@@ -61,7 +61,7 @@ def test_weights_kept():
     assert set(before) - set(after) == {"patch_embed.proj.weight", "patch_embed.proj.bias"}
     assert set(after) - set(before) == {"patch_embed.spt.norm.weight", "patch_embed.spt.norm.bias",
                                         "patch_embed.spt.proj.weight", "patch_embed.spt.proj.bias",
-                                        "blocks.0.attn.temperature", "blocks.1.attn.temperature"}
+                                        "blocks.0.attn.temperature.scale", "blocks.1.attn.temperature.scale"}
     for k in set(before) & set(after):
         assert torch.equal(before[k], after[k]), k
     assert "blocks.0.attn.qkv.bias" in after and "blocks.0.attn.q_norm.weight" in after
@@ -94,16 +94,16 @@ def test_parameter_delta():
 def test_temperature_learnable_and_initialised_to_sqrt_head_dim(x):
     m = to_sl_vit(small_vit())
     for b in m.blocks:
-        assert isinstance(b.attn.temperature, torch.nn.Parameter) and b.attn.temperature.requires_grad
-        assert torch.equal(b.attn.temperature.detach(), torch.full((4,), math.sqrt(12), dtype=torch.float32))
+        assert b.attn.temperature.scale.requires_grad
+        torch.testing.assert_close(b.attn.temperature().detach(), torch.full((4,), math.sqrt(12)))
     m.train()
     F.cross_entropy(m(x), torch.tensor([0, 1, 2])).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
-    t0 = m.blocks[0].attn.temperature.detach().clone()
+    t0 = m.blocks[0].attn.temperature().detach().clone()
     opt.step()
-    assert not torch.equal(m.blocks[0].attn.temperature.detach(), t0)
+    assert not torch.equal(m.blocks[0].attn.temperature().detach(), t0)
 
 
 def test_diagonal_masked(x):
@@ -133,11 +133,11 @@ def test_attention_layer_matches_explicit_lsa():
     torch.manual_seed(2)
     z = torch.randn(2, 17, 48)
     lsa = LSAttention(copy.deepcopy(attn))
-    with torch.no_grad(): lsa.temperature.copy_(torch.tensor([1.0, 2.0, 3.0, 5.0]))
+    lsa.temperature.set_(torch.tensor([1.0, 2.0, 3.0, 5.0]))
     B, N, _ = z.shape
     q, k, v = (z @ attn.qkv.weight.T + attn.qkv.bias).reshape(B, N, 3, 4, 12).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q @ k.transpose(-2, -1)) / lsa.temperature.detach().reshape(-1, 1, 1)
+    logits = (q @ k.transpose(-2, -1)) / lsa.temperature().detach().reshape(-1, 1, 1)
     logits = logits.masked_fill(torch.eye(N, dtype=torch.bool), float("-inf"))
     expected = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, 48))
     torch.testing.assert_close(lsa(z), expected, atol=1e-5, rtol=1e-5)

@@ -30,13 +30,18 @@ def test_schedule_matches_its_formula():
     assert max(lrs) == pytest.approx(lr) and all(a <= b for a, b in zip(lrs[:W], lrs[1:W + 1]))
 
 
-def test_no_weight_decay_on_norms_biases_embeddings_and_temperatures():
+def test_weight_decay_groups_follow_the_official_code_for_lsa():
     m = create_model("sl_vit", image_size=16, preset="tiny")
     decay, no_decay = param_groups(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
-    nd = {names[id(p)] for p in no_decay["params"]}
-    assert {"embed.pos_embed", "embed.cls_token", "blocks.1.attn.temperature", "blocks.0.norm1.weight", "head.1.bias"} <= nd
-    assert all(p.ndim == 2 for p in decay["params"]) and decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
+    nd, d = {names[id(p)] for p in no_decay["params"]}, {names[id(p)] for p in decay["params"]}
+    assert {"embed.pos_embed", "embed.cls_token", "blocks.0.norm1.weight", "head.1.bias"} <= nd
+    assert {"blocks.0.attn.temperature.scale", "blocks.1.attn.temperature.scale"} <= d   # official: s is decayed
+    assert all(p.ndim == 2 or n.endswith("temperature.scale") for n, p in m.named_parameters() if n in d)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
+    direct = create_model("sl_vit", image_size=16, preset="tiny", temperature_form="direct")
+    nd = {n for n, p in direct.named_parameters() if any(p is q for q in param_groups(direct, 0.05)[1]["params"])}
+    assert "blocks.0.attn.temperature.tau" in nd                                          # a stored τ is not
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -99,7 +104,7 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path, args, message):
 def test_cli_help_describes_every_option_and_shows_defaults():
     ap = train_parser()
     for a in ap._actions: assert a.help, a.dest
-    text = ap.format_help()
+    text = " ".join(ap.format_help().split())                   # unwrapped
     assert "(default: 128)" in text and "--val-split" in text and "(default: sl_vit)" in text
     r = subprocess.run([BIN / "vitsd-train", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and __version__ in r.stdout

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .training import TrainConfig, model_presets, train
+from .training import RECIPES, TrainConfig, model_presets, train
 
 # %% auto #0
-__all__ = ['field_help', 'option_choices', 'as_flags', 'train_parser', 'train_main', 'device_name', 'demo', 'demo_main']
+__all__ = ['field_help', 'option_choices', 'as_flags', 'train_parser', 'train_options', 'train_main', 'device_name', 'demo',
+           'demo_main']
 
 # %% ../nbs/10_cli.ipynb #4b9dbccf
 def _option_type(annotation: str):
@@ -77,6 +78,9 @@ def train_parser() -> argparse.ArgumentParser:
         else:
             ap.add_argument(flag, type=_option_type(f.type), default=f.default,
                             metavar=f.name.upper(), help=helps[f.name])
+    ap.add_argument("--recipe", choices=list(RECIPES), default=None,
+                    help="start from a named recipe's settings (`RECIPES`); the options you give "
+                         "override it")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out-dir from its checkpoint")
     ap.add_argument("--stop-after", type=int, default=None, metavar="N",
@@ -87,16 +91,28 @@ def train_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def train_options(
+    argv: list[str] | None = None,  # the command line after `vitsd-train`
+    ap: argparse.ArgumentParser | None = None,  # `train_parser()`, or one like it
+) -> tuple[TrainConfig, dict]:      # the config and the run options: resume, stop_after, progress
+    "Parse a `vitsd-train` command line: a recipe's settings first, then the options given."
+    ap = ap or train_parser()
+    recipe = ap.parse_args(argv).recipe
+    if recipe is not None: ap.set_defaults(**RECIPES[recipe])
+    a = vars(ap.parse_args(argv))
+    a.pop("recipe")
+    run = dict(resume=a.pop("resume"), stop_after=a.pop("stop_after"),
+               progress=not a.pop("no_progress"))
+    a = {k: None if v == "none" and k in option_choices() else v for k, v in a.items()}
+    return TrainConfig(**a), run
+
+
 def train_main(argv: list[str] | None = None):
     "Entry point of the `vitsd-train` command."
     ap = train_parser()
-    a = vars(ap.parse_args(argv))
-    run = {k: a.pop(k) for k in ("resume", "stop_after", "no_progress")}
-    a = {k: None if v == "none" and k in option_choices() else v for k, v in a.items()}
     try:
-        cfg = TrainConfig(**a)
-        train(cfg, resume=run["resume"], stop_after=run["stop_after"],
-              progress=not run["no_progress"])
+        cfg, run = train_options(argv, ap)
+        train(cfg, **run)
     except (ValueError, FileNotFoundError) as e:
         ap.error(as_flags(str(e)))
 

@@ -12,7 +12,8 @@ from einops import rearrange
 from torch import nn
 
 # %% auto #0
-__all__ = ['attention', 'attention_weights', 'attention_entropy', 'locality_attention', 'SelfAttention', 'LocalitySelfAttention']
+__all__ = ['attention', 'attention_weights', 'attention_entropy', 'locality_attention', 'LearnedTemperature', 'SelfAttention',
+           'LocalitySelfAttention']
 
 # %% ../nbs/04_lsa.ipynb #47f0f95b
 def _check_qkv(q, k, v=None):
@@ -37,13 +38,20 @@ def attention(
 
 # %% ../nbs/04_lsa.ipynb #272f2274
 def _check_temperature(temperature, heads: int):
-    "Return τ ready to divide [B, heads, N, d] tensors: a positive float, a 0-d tensor, or a [heads] tensor reshaped to [heads, 1, 1]."
+    "τ ready to divide [B, heads, N, d] tensors: a positive float, a 0-d or a [heads] tensor."
     if isinstance(temperature, torch.Tensor):
-        if temperature.ndim == 0: return temperature
-        if temperature.shape == (heads,): return temperature[:, None, None]
-        raise ValueError(f"temperature must be a scalar or have one entry per head ({heads}), got shape {tuple(temperature.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive number or a tensor of shape [heads], got {temperature!r}")
+        if temperature.ndim > 1 or (temperature.ndim == 1 and temperature.shape != (heads,)):
+            raise ValueError(f"temperature must be a scalar or have one entry per head ({heads}), "
+                             f"got shape {tuple(temperature.shape)}")
+        bad = ~(temperature.isfinite() & (temperature > 0))
+        if not temperature.requires_grad and bool(bad.any()):  # a learned τ is the model's own
+            raise ValueError(f"temperature must be positive and finite, got {temperature.tolist()}: "
+                             "τ divides the logits (0 gives NaN, a negative τ inverts attention)")
+        return temperature if temperature.ndim == 0 else temperature[:, None, None]
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite number or a tensor of shape [heads], "
+                         f"got {temperature!r}")
     return float(temperature)
 
 @functools.lru_cache(maxsize=64)
@@ -104,49 +112,87 @@ def locality_attention(
     if isinstance(tau, float): return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / tau)  # a number: the kernel's scale
     return F.scaled_dot_product_attention((q / tau).to(q.dtype), k, v, attn_mask=mask, scale=1.0)
 
+# %% ../nbs/04_lsa.ipynb #3d7c1882
+class LearnedTemperature(nn.Module):
+    "A learned softmax temperature τ per head, stored as the official code's multiplier s = 1/τ or as τ."
+    def __init__(self,
+                 heads: int,               # one τ per head
+                 head_dim: int,            # d_k: τ starts at √d_k, where standard attention is
+                 form: str = "inverse",    # "inverse": learn s = 1/τ (official); "direct": learn τ
+                ):
+        super().__init__()
+        if form not in ("inverse", "direct"):
+            raise ValueError(f"temperature form must be 'inverse' or 'direct', got {form!r}")
+        self.form = form
+        if form == "inverse": self.scale = nn.Parameter(torch.full((heads,), head_dim ** -0.5))
+        else: self.tau = nn.Parameter(torch.full((heads,), math.sqrt(head_dim)))
+
+    def extra_repr(self) -> str: return f"form={self.form!r}"
+
+    def multiplier(self) -> torch.Tensor:  # s = 1/τ per head [heads], what scales the logits
+        "The factor on the logits, 1/τ, as a differentiable [heads] tensor."
+        return self.scale if self.form == "inverse" else self.tau.reciprocal()
+
+    def forward(self) -> torch.Tensor:  # τ per head [heads], differentiable
+        "τ per head, in the paper's notation (logits are divided by it)."
+        return self.scale.reciprocal() if self.form == "inverse" else self.tau
+
+    @torch.no_grad()
+    def set_(self, tau: float | torch.Tensor):  # new τ: a number or one value per head
+        "Set τ (for experiments and analysis), whatever the stored form."
+        p = self.scale if self.form == "inverse" else self.tau
+        p.copy_(torch.as_tensor(tau, dtype=p.dtype).reciprocal() if self.form == "inverse"
+                else torch.as_tensor(tau, dtype=p.dtype))
+        return self
+
 # %% ../nbs/04_lsa.ipynb #0fcf17b8
 class SelfAttention(nn.Module):
-    "Multi-head self-attention with the two LSA options: diagonal masking and a learnable per-head temperature τ."
+    "Multi-head self-attention with LSA's two options: a diagonal mask and a learned τ per head."
     def __init__(self,
-                 dim: int,                          # d, width of the input and output tokens
-                 heads: int,                        # h, number of attention heads
-                 head_dim: int,                     # d_k, width of each head's queries, keys and values
-                 diag_mask: bool = False,           # exclude each token's relation with itself (R^M)
-                 learned_temperature: bool = False, # learn τ per head, initialised to √d_k; otherwise τ = √d_k fixed
+                 dim: int,                    # d, width of the input and output tokens
+                 heads: int,                  # h, number of attention heads
+                 head_dim: int,               # d_k, width of each head's queries, keys and values
+                 diag_mask: bool = False,     # exclude each token's relation with itself (R^M)
+                 learned_temperature: bool = False,  # learn τ per head (init √d_k); else τ = √d_k
+                 temperature_form: str = "inverse",  # how τ is learned: see `LearnedTemperature`
                 ):
         super().__init__()
         self.dim, self.heads, self.head_dim, self.diag_mask = dim, heads, head_dim, diag_mask
-        self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)     # E_q, E_k, E_v for all heads
-        self.proj = nn.Linear(heads * head_dim, dim)                    # output projection of the concatenated heads
-        if learned_temperature: self.temperature = nn.Parameter(torch.full((heads,), math.sqrt(head_dim)))
-        else: self.register_parameter("temperature", None)
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)  # E_q, E_k, E_v, all heads
+        self.proj = nn.Linear(heads * head_dim, dim)                 # back to d
+        self.temperature = (LearnedTemperature(heads, head_dim, temperature_form)
+                            if learned_temperature else None)
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, head_dim={self.head_dim}, diag_mask={self.diag_mask}, learned_temperature={self.temperature is not None}"
+        return f"heads={self.heads}, head_dim={self.head_dim}, diag_mask={self.diag_mask}"
 
     def forward(self,
-                x: torch.Tensor,              # tokens [B, N, dim]
-                return_weights: bool = False, # also return the attention weights [B, heads, N, N] (explicit, slower)
-               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, N, dim]; with return_weights also [B, heads, N, N]
+                x: torch.Tensor,               # tokens [B, N, dim]
+                return_weights: bool = False,  # also return the weights [B, heads, N, N] (slower)
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, N, dim] (and weights)
         "Attend over the tokens: qkv projection, (locality) attention per head, output projection."
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected tokens of shape [B, N, {self.dim}], got {tuple(getattr(x, 'shape', ()))}")
+            shape = tuple(getattr(x, "shape", ()))
+            raise ValueError(f"expected tokens of shape [B, N, {self.dim}], got {shape}")
         w, tau = self.qkv.weight, math.sqrt(self.head_dim)
-        if self.temperature is not None:   # q/τ = x (E_q/τ): scale E_q's rows, not the far larger [B, heads, N, d] queries
-            w = w * torch.cat([self.temperature.reciprocal().repeat_interleave(self.head_dim), w.new_ones(2 * self.heads * self.head_dim)])[:, None]
-            tau = 1.0                      # τ is now inside the queries
-        qkv = F.linear(x, w).unflatten(-1, (3, self.heads, self.head_dim))         # [B, N, 3, heads, d]
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                      # views [B, heads, N, d]: no copy, and
-        out = self.proj(locality_attention(q, k, v, tau, self.diag_mask).transpose(1, 2).flatten(2))  # the backward's stack lands in qkv's layout
+        if self.temperature is not None:  # q/τ = x (E_q/τ): scale E_q's rows, not the queries
+            s = self.temperature.multiplier().repeat_interleave(self.head_dim)
+            w = w * torch.cat([s, w.new_ones(2 * self.heads * self.head_dim)])[:, None]
+            tau = 1.0                     # τ is now inside the queries
+        qkv = F.linear(x, w).unflatten(-1, (3, self.heads, self.head_dim))  # [B, N, 3, heads, d]
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # views [B, heads, N, d], no copy
+        out = locality_attention(q, k, v, tau, self.diag_mask)
+        out = self.proj(out.transpose(1, 2).flatten(2))
         return (out, attention_weights(q, k, tau, self.diag_mask)) if return_weights else out
 
 class LocalitySelfAttention(SelfAttention):
-    "Locality Self-Attention (LSA): `SelfAttention` with the diagonal mask and a learned temperature on by default."
+    "Locality Self-Attention (LSA): `SelfAttention` with the mask and a learned τ on by default."
     def __init__(self,
-                 dim: int,                          # d, width of the input and output tokens
-                 heads: int,                        # h, number of attention heads
-                 head_dim: int,                     # d_k, width of each head
-                 diag_mask: bool = True,            # exclude each token's relation with itself (R^M)
-                 learned_temperature: bool = True,  # learn τ per head, initialised to √d_k
+                 dim: int,                           # d, width of the input and output tokens
+                 heads: int,                         # h, number of attention heads
+                 head_dim: int,                      # d_k, width of each head
+                 diag_mask: bool = True,             # exclude each token's relation with itself
+                 learned_temperature: bool = True,   # learn τ per head, initialised to √d_k
+                 temperature_form: str = "inverse",  # "inverse" (official) or "direct"
                 ):
-        super().__init__(dim, heads, head_dim, diag_mask, learned_temperature)
+        super().__init__(dim, heads, head_dim, diag_mask, learned_temperature, temperature_form)

@@ -99,7 +99,7 @@ class PiT(nn.Module):
         else: tokenizer = PatchTokenization(c.in_chans, c.dim, c.patch_size)
         self.embed = PatchEmbedding(tokenizer, c.grids[0] ** 2, c.dim, cls_token=True)
         self.stages = nn.ModuleList([
-            nn.Sequential(*[Block(d, h, c.head_dim, c.mlp_ratio * d, c.drop_path, lsa=c.sl) for _ in range(n)])
+            nn.Sequential(*[Block(d, h, c.head_dim, c.mlp_ratio * d, c.drop_path, c.sl, c.sl) for _ in range(n)])
             for d, n, h in zip(c.dims, c.depths, c.heads)])
         self.pools = nn.ModuleList([SPTPooling(d, 2 * d, merge_size=2) if c.sl else ConvPooling(d, 2 * d, c.pool_pointwise)
                                     for d in c.dims[:-1]])

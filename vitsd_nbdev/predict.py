@@ -10,7 +10,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -91,13 +90,21 @@ def to_uint8(
     raise ValueError(f"expected 1 or 3 channels, got a tensor of shape {tuple(image.shape)}")
 
 
+def _as_list(images) -> list:
+    "One image (a path, a PIL image, a tensor [C, H, W]) as a list of one; a sequence as a list."
+    single = isinstance(images, (str, Path, Image.Image))
+    if single or (isinstance(images, torch.Tensor) and images.ndim < 4): return [images]
+    return list(images)
+
+
 @torch.no_grad()
 def preprocess(
     p: Predictor,
-    images: Sequence,  # image paths, PIL images or uint8 tensors, of any size
+    images,            # image paths, PIL images or uint8 tensors [C, H, W] of any size, or one
 ) -> torch.Tensor:     # float [N, C, S, S], normalised, on the model's device
     "The evaluation transform of training: channels, resize and centre-crop to S×S, normalise."
-    x = torch.stack([resize_square(to_uint8(im, p.in_chans), p.image_size) for im in images])
+    x = [resize_square(to_uint8(im, p.in_chans), p.image_size) for im in _as_list(images)]
+    x = torch.stack(x)
     mean = torch.tensor(p.mean).view(1, -1, 1, 1)
     std = torch.tensor(p.std).view(1, -1, 1, 1)
     return ((x.float() / 255 - mean) / std).to(p.device)
@@ -106,13 +113,12 @@ def preprocess(
 @torch.inference_mode()
 def predict(
     p: Predictor,
-    images: Sequence,       # image paths, PIL images or uint8 tensors, of any size
+    images,                 # image paths, PIL images or uint8 tensors [C, H, W] of any size, or one
     topk: int = 1,          # how many classes per image, most probable first
     batch_size: int = 256,  # images per forward pass
 ) -> list[list[tuple[str, float]]]:  # per image: (class name, probability) pairs
     "The `topk` most probable classes of each image, with their probabilities."
-    topk = min(topk, len(p.classes))
-    out = []
+    topk, images, out = min(topk, len(p.classes)), _as_list(images), []
     for i in range(0, len(images), batch_size):
         probs = p.model(preprocess(p, images[i:i + batch_size])).float().softmax(-1)
         values, indices = probs.topk(topk, dim=-1)

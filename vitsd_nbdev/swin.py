@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .lsa import attention_weights, locality_attention
+from .lsa import LearnedTemperature, attention_weights, locality_attention
 from .patches import PatchEmbedding, PatchTokenization, patchify
 from .spt import ShiftedPatchTokenization, SPTPooling
 from .vit import Block
@@ -141,12 +141,12 @@ class WindowAttention(nn.Module):
         mask = shifted_window_mask(grid, window_size, shift) if shift else None
         self.register_buffer("window_mask", mask, persistent=False)
         if lsa:
-            self.temperature = nn.Parameter(torch.full((heads,), math.sqrt(self.head_dim)))   # τ, init √d_k
+            self.temperature = LearnedTemperature(heads, self.head_dim)   # τ per head, init √d_k
             T = window_size ** 2
             keys = torch.ones(1, T, T, dtype=torch.bool) if mask is None else mask == 0
             if not (keys & ~torch.eye(T, dtype=torch.bool)).any(-1).all():
                 raise ValueError(f"with LSA, window size {window_size} and shift {shift} leave a query with no key to attend to (a region of one token); use a window size of at least 4")
-        else: self.register_parameter("temperature", None)
+        else: self.temperature = None
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, grid={self.grid}, window_size={self.window_size}, shift={self.shift}, lsa={self.lsa}"
@@ -176,7 +176,7 @@ class WindowAttention(nn.Module):
         if s: z = torch.roll(z, shifts=(-s, -s), dims=(1, 2))
         q, k, v = rearrange(self.qkv(window_partition(z, M)), "b n t (three h d) -> three b (n h) t d", three=3, h=self.heads)
         bias = self.logit_bias().reshape(1, nW * self.heads, M * M, M * M)   # 4-D: SDPA's fused CPU kernel needs a 4-D mask
-        tau = self.temperature.repeat(nW) if self.lsa else math.sqrt(self.head_dim)   # windows are heads: τ once per window
+        tau = self.temperature().repeat(nW) if self.lsa else math.sqrt(self.head_dim)   # windows are heads: τ once per window
         out = rearrange(locality_attention(q, k, v, tau, self.lsa, bias), "b (n h) t d -> b n t (h d)", h=self.heads)
         z = window_reverse(self.proj(out), M, g)
         if s: z = torch.roll(z, shifts=(s, s), dims=(1, 2))

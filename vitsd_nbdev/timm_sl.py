@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import nn
-from .lsa import attention_weights, locality_attention
+from .lsa import LearnedTemperature, attention_weights, locality_attention
 from .spt import ShiftedPatchTokenization
 
 # %% auto #0
@@ -66,7 +66,7 @@ class LSAttention(nn.Module):
         self.qkv, self.q_norm, self.k_norm, self.proj, self.proj_drop = attn.qkv, attn.q_norm, attn.k_norm, attn.proj, attn.proj_drop
         self.norm, self.gate = getattr(attn, "norm", nn.Identity()), getattr(attn, "gate", None)   # absent in older timm
         w = attn.qkv.weight
-        self.temperature = nn.Parameter(torch.full((self.num_heads,), 1 / attn.scale, device=w.device, dtype=w.dtype))  # τ per head
+        self.temperature = LearnedTemperature(self.num_heads, self.head_dim).to(w.device, w.dtype)  # τ = 1/timm's scale
         self.train(attn.training)
 
     def extra_repr(self) -> str: return f"heads={self.num_heads}, head_dim={self.head_dim}, diag_mask={self.diag_mask}"
@@ -88,7 +88,7 @@ class LSAttention(nn.Module):
         bias = attn_mask
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             bias = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
-        out = locality_attention(q, k, v, self.temperature, self.diag_mask, bias=bias)
+        out = locality_attention(q, k, v, self.temperature(), self.diag_mask, bias=bias)
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
         if self.gate is not None: out = out * self.gate(x).sigmoid()
         return self.proj_drop(self.proj(out))
@@ -96,7 +96,7 @@ class LSAttention(nn.Module):
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:  # tokens [B, N, dim] -> probabilities [B, heads, N, N]
         "This layer's attention probabilities for tokens `x`, computed explicitly (for checks and plots)."
         q, k, _ = self._qkv(x)
-        return attention_weights(q, k, self.temperature, self.diag_mask)   # the lsa module's function
+        return attention_weights(q, k, self.temperature(), self.diag_mask)   # the lsa module's function
 
 # %% ../nbs/09b_timm.ipynb #412df91d
 def to_sl_vit(

@@ -5,6 +5,7 @@
 # %% ../nbs/07_training.ipynb #58a66482
 from __future__ import annotations
 import csv
+import importlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from .data import DeviceLoader, get_dataset, get_device_loaders
 from .vit import ADD_ON_MODELS, PRESETS, VARIANTS, count_params, create_model
 
 # %% auto #0
-__all__ = ['lr_at', 'param_groups', 'amp_dtype', 'model_presets', 'TrainConfig', 'write_atomic', 'save_checkpoint',
+__all__ = ['RECIPES', 'lr_at', 'param_groups', 'amp_dtype', 'model_presets', 'TrainConfig', 'write_atomic', 'save_checkpoint',
            'load_checkpoint', 'save_weights', 'evaluate', 'stratified_split', 'train']
 
 # %% ../nbs/07_training.ipynb #02f3d995
@@ -52,11 +53,12 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,  # decay of the weight matrices
 ) -> list[dict]:          # two AdamW parameter groups: with and without weight decay
-    "Weight decay for weight matrices only: not for biases, norms, temperatures, position embeddings, class tokens or relative-position bias tables."
+    "Weight decay for weight matrices and LSA's multiplier s = 1/τ (as the official code); not for biases, norms, a stored τ, position embeddings, class tokens or bias tables."
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
         skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "bias_table"))
+        if name.endswith("temperature.scale"): skip = False   # the official code decays s
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -74,46 +76,48 @@ def amp_dtype(
 # %% ../nbs/07_training.ipynb #870d7ec6
 def model_presets() -> dict[str, list[str]]:
     "The preset names each model accepts (`create_model`'s `preset`)."
-    from vitsd_nbdev.pit import PIT_PRESETS   # imported here: chapter 9's models are add-ons
-    from vitsd_nbdev.swin import SWIN_PRESETS
-    family = {"pit": list(PIT_PRESETS), "swin": list(SWIN_PRESETS)}
-    return {m: family[ADD_ON_MODELS[m]] if m in ADD_ON_MODELS else list(PRESETS)
+    def family_presets(family: str) -> list[str]:   # e.g. PIT_PRESETS in vitsd_nbdev.pit; none: []
+        module = importlib.import_module(f"vitsd_nbdev.{family}")
+        return list(getattr(module, f"{family.upper()}_PRESETS", {}))
+    return {m: family_presets(ADD_ON_MODELS[m]) if m in ADD_ON_MODELS else list(PRESETS)
             for m in [*VARIANTS, *ADD_ON_MODELS]}
 
 
 @dataclass
 class TrainConfig:
-    "Everything a training run depends on; defaults are the paper's recipe."
+    "Everything a training run depends on; defaults: the official CIFAR recipe (see `RECIPES`)."
     dataset: str = "cifar10"  # digits, cifar10, cifar100, svhn, tiny_imagenet or imagefolder:PATH
     data_root: str = "data"   # folder of the downloadable datasets
     download: bool = False    # download a missing cifar10/cifar100/svhn/tiny_imagenet (internet)
     image_size: int | None = None  # resize to this square size in pixels; None: the dataset's own
-    model: str = "sl_vit"     # vit, vit_spt, vit_lsa, sl_vit; chapter 9: pit, sl_pit, swin, sl_swin
+    model: str = "sl_vit"     # a `create_model` name: ViT variants, PiT, Swin (ch. 9), ResNets (7a)
     preset: str | None = None # a smaller architecture, e.g. tiny; None: the paper's
     patch_size: int | None = None  # None: image_size // 8 (the paper's 8×8 token grid)
-    epochs: int = 100         # passes over the training data
+    depth: int | None = None  # encoder blocks; None: the preset's (9 for the paper's ViT)
+    epochs: int = 300         # passes over the training data (official: 100 "epochs" of 3 passes)
     batch_size: int = 128     # global batch, split over processes under torchrun
     lr: float = 1e-3          # peak learning rate of AdamW, reached at the end of the warm-up
     min_lr: float = 1e-6      # start of warm-up and end of the cosine
-    warmup_epochs: int | None = None  # linear warm-up; None: epochs / 10 rounded up, at most 10
+    warmup_epochs: int | None = None  # linear warm-up from min_lr; None: epochs / 10, rounded up
     weight_decay: float = 0.05  # AdamW weight decay of the weight matrices
     drop_path: float | None = None  # stochastic depth; None: the model's (0.1 for the paper's)
     grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
     augment: bool = True      # the dataset's default augmentation recipe (chapter 6); off: none
-    amp: str = "auto"         # mixed precision: auto (the device's best, see amp_dtype), bf16, fp16, off
+    amp: str = "auto"         # mixed precision: auto (see amp_dtype), bf16, fp16 or off
     compile: bool = False     # torch.compile the model (training steps; evaluation stays eager)
+    eval_every: int = 1       # evaluate every this many epochs, and after the last
     seed: int = 0             # seeds initialisation, data order, augmentation and validation split
     device: str = "auto"      # auto (cuda if available, else cpu), cpu or cuda
     val_split: float = 0.0    # fraction of training images held out to choose the best epoch
     out_dir: str = "runs/run" # the run folder: config, weights, checkpoint, metrics, curves
 
     def __post_init__(self):
-        for k in ("epochs", "batch_size"):
+        for k in ("epochs", "batch_size", "eval_every"):
             v = getattr(self, k)
             if v < 1: raise ValueError(f"{k} must be at least 1, got {v}")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
-                             f"got {self.warmup_epochs}; leave it unset to scale it with epochs")
+                             f"got {self.warmup_epochs}; give a smaller warmup_epochs or leave it unset")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("lr must be positive and min_lr non-negative")
         if not 0 <= self.val_split < 1:
@@ -132,9 +136,24 @@ class TrainConfig:
 
     @property
     def warmup(self) -> int:
-        "Epochs of warm-up: `warmup_epochs`, or by default a tenth of the run (at most 10)."
+        "Epochs of warm-up: `warmup_epochs`, or by default a tenth of the run (the official share)."
         if self.warmup_epochs is not None: return self.warmup_epochs
-        return min(10, math.ceil(self.epochs / 10))
+        return math.ceil(self.epochs / 10)
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides) -> TrainConfig:
+        "A named recipe (see `RECIPES`), with any field overridden."
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[name], **overrides})
+
+RECIPES = {
+    # the official code's CIFAR run: 100 "epochs" of a sampler that repeats each image 3 times =
+    # 300 passes, 10 of them (30 passes) warm-up, AdamW lr 1e-3, weight decay 0.05, batch 128,
+    # float32
+    "official": dict(epochs=300, warmup_epochs=30, batch_size=128, lr=1e-3, min_lr=1e-6,
+                     weight_decay=0.05, amp="off"),
+}
 
 # %% ../nbs/07_training.ipynb #fe8df3e9
 def write_atomic(
@@ -281,8 +300,8 @@ def _run_model(cfg: TrainConfig, info, model: nn.Module | None) -> tuple[nn.Modu
         return model, {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
     spec = dict(name=cfg.model, num_classes=info.num_classes, image_size=info.image_size,
                 preset=cfg.preset, in_chans=info.in_chans)
-    spec |= {k: v for k, v in dict(patch_size=cfg.patch_size, drop_path=cfg.drop_path).items()
-             if v is not None}
+    overrides = dict(patch_size=cfg.patch_size, drop_path=cfg.drop_path, depth=cfg.depth)
+    spec |= {k: v for k, v in overrides.items() if v is not None}
     return create_model(**spec), spec
 
 
@@ -384,13 +403,15 @@ def train(
         h = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
                  train_loss=round(loss_sum.item() / seen, 5),
                  train_acc=round(correct.item() / seen, 5))
-        if val_dl is not None:
-            val_loss, val_acc = evaluate(model, val_dl, device, dtype)
-            h |= dict(val_loss=round(val_loss, 5), val_acc=round(val_acc, 5))
-        test_loss, test_acc = evaluate(model, test_dl, device, dtype)
-        h |= dict(test_loss=round(test_loss, 5), test_acc=round(test_acc, 5),
-                  epoch_time=round(epoch_time, 3), img_per_s=round(seen * world / epoch_time, 1))
-        improved = h[best_key] > max((p[best_key] for p in history), default=-1.0)
+        due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs   # else None
+        for split, dl in (("val", val_dl), ("test", test_dl)):
+            if dl is None: continue
+            loss, acc = evaluate(model, dl, device, dtype) if due else (None, None)
+            loss, acc = (None if v is None else round(v, 5) for v in (loss, acc))
+            h |= {f"{split}_loss": loss, f"{split}_acc": acc}
+        h |= dict(epoch_time=round(epoch_time, 3), img_per_s=round(seen * world / epoch_time, 1))
+        so_far = [p[best_key] for p in history if p[best_key] is not None]
+        improved = due and h[best_key] > max(so_far, default=-1.0)
         history.append(h)
         summary = _summary(name, cfg, history, n_params, elapsed, out, device)
         if rank == 0:
@@ -402,15 +423,16 @@ def train(
                 config=asdict(cfg)))
             _write_metrics(out, cfg, history, summary)
             if log:
-                val = f"val acc {h['val_acc']:.2%}  " if val_dl is not None else ""
+                val = f"val acc {h['val_acc']:.2%}  " if val_dl is not None and due else ""
+                test = (f"test loss {h['test_loss']:.4f}  {val}test acc {h['test_acc']:.2%}" if due
+                        else "(not evaluated)")
                 print(f"epoch {h['epoch']:3d}/{cfg.epochs}  lr {h['lr']:.2e}  "
-                      f"train loss {h['train_loss']:.4f}  test loss {h['test_loss']:.4f}  "
-                      f"{val}test acc {h['test_acc']:.2%}  {h['img_per_s']:.0f} img/s")
+                      f"train loss {h['train_loss']:.4f}  {test}  {h['img_per_s']:.0f} img/s")
             if on_epoch_end is not None: on_epoch_end(dict(h))
     summary = _summary(name, cfg, history, n_params, elapsed, out, device)
     if rank == 0 and history:
         _save_curves(out, name, history)
-        if log: print(_summary_line(summary))
+        if log and summary["final_acc"] is not None: print(_summary_line(summary))
     return summary
 
 
@@ -418,7 +440,8 @@ def _summary(name, cfg, history, n_params, elapsed, out, device) -> dict:
     "Final test accuracy, and the test accuracy of the best epoch (chosen on validation if any)."
     best_on = "validation" if cfg.val_split else "test"
     key = "val_acc" if cfg.val_split else "test_acc"
-    best = max(history, key=lambda h: h[key]) if history else {}
+    evaluated = [h for h in history if h[key] is not None]
+    best = max(evaluated, key=lambda h: h[key]) if evaluated else {}
     return dict(model=name, dataset=cfg.dataset, params=n_params, epochs_done=len(history),
                 final_acc=history[-1]["test_acc"] if history else None, best_on=best_on,
                 best_acc=best.get("test_acc"), best_val_acc=best.get("val_acc"),

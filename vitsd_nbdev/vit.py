@@ -34,11 +34,19 @@ class ViTConfig:
     mlp_hidden: int = 384             # hidden width of each block's MLP
     drop_path: float = 0.1            # stochastic-depth rate of every residual branch
     spt: bool = False                 # Shifted Patch Tokenization instead of standard patches
-    lsa: bool = False                 # Locality Self-Attention (diagonal mask + learned temperature)
+    lsa: bool = False                 # Locality Self-Attention: sets both of the next two
+    diag_mask: bool | None = None     # LSA's diagonal mask; None: as `lsa`
+    learned_temperature: bool | None = None  # LSA's learned τ per head; None: as `lsa`
+    temperature_form: str = "inverse"  # learn s = 1/τ ("inverse", official) or τ ("direct")
     spt_shift: int | None = None      # SPT shift in pixels; None: patch_size // 2
     spt_directions: str = "diagonal"  # SPT shift strategy: "diagonal", "cardinal" or "all"
 
     def __post_init__(self):
+        if self.diag_mask is None: self.diag_mask = self.lsa
+        if self.learned_temperature is None: self.learned_temperature = self.lsa
+        if self.temperature_form not in ("inverse", "direct"):
+            raise ValueError(f"temperature_form must be 'inverse' or 'direct', "
+                             f"got {self.temperature_form!r}")
         if self.patch_size is None: self.patch_size = self.image_size // 8
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(f"patch size {self.patch_size} does not divide image size {self.image_size}; pass a patch_size that divides it")
@@ -59,6 +67,8 @@ PRESETS = {
     "cifar": dict(image_size=32, num_classes=10),           # the paper's CIFAR-10 model (patch 4)
     "tiny_imagenet": dict(image_size=64, num_classes=200),  # the paper's Tiny-ImageNet model (patch 8)
     "tiny": dict(dim=64, depth=2, heads=4, head_dim=16, mlp_hidden=128, drop_path=0.0),  # for CPU tests and demos
+    # half the paper's width, for CPU-scale experiments (chapter 8 chooses its depth)
+    "small": dict(dim=96, depth=6, heads=6, head_dim=16, mlp_hidden=192, drop_path=0.1),
 }
 
 # %% ../nbs/05_vit.ipynb #3a81d263
@@ -67,12 +77,15 @@ class Block(nn.Module):
     def __init__(self,
                  dim: int, heads: int, head_dim: int, mlp_hidden: int,
                  drop_path: float = 0.0,  # probability of dropping each residual branch per sample in training
-                 lsa: bool = False,       # Locality Self-Attention instead of standard self-attention
+                 diag_mask: bool = False,            # LSA's diagonal mask
+                 learned_temperature: bool = False,  # LSA's learned τ per head
+                 temperature_form: str = "inverse",  # how τ is learned (see `LearnedTemperature`)
                  attn: nn.Module | None = None,  # another attention layer with SelfAttention's call signature (chapter 9's Swin); None: SelfAttention
                 ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = attn if attn is not None else SelfAttention(dim, heads, head_dim, diag_mask=lsa, learned_temperature=lsa)
+        self.attn = attn if attn is not None else SelfAttention(
+            dim, heads, head_dim, diag_mask, learned_temperature, temperature_form)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, dim))
         self.drop_path = StochasticDepth(drop_path, mode="row")
@@ -96,7 +109,10 @@ class ViT(nn.Module):
         if c.spt: tokenizer = ShiftedPatchTokenization(c.in_chans, c.dim, c.patch_size, shift=c.spt_shift, directions=c.spt_directions)
         else: tokenizer = PatchTokenization(c.in_chans, c.dim, c.patch_size)
         self.embed = PatchEmbedding(tokenizer, c.num_patches, c.dim, cls_token=True)
-        self.blocks = nn.ModuleList([Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, c.drop_path, c.lsa) for _ in range(c.depth)])
+        self.blocks = nn.ModuleList([
+            Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, c.drop_path,
+                  c.diag_mask, c.learned_temperature, c.temperature_form)
+            for _ in range(c.depth)])
         self.head = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, c.num_classes))
         self.apply(_init_official)
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
@@ -132,18 +148,21 @@ def _init_official(m: nn.Module):
 
 # %% ../nbs/05_vit.ipynb #82d990f4
 VARIANTS = {"vit": dict(spt=False, lsa=False), "vit_spt": dict(spt=True, lsa=False),
-            "vit_lsa": dict(spt=False, lsa=True), "sl_vit": dict(spt=True, lsa=True)}
-ADD_ON_MODELS = {"pit": "pit", "sl_pit": "pit", "swin": "swin", "sl_swin": "swin"}  # chapter 9: model name -> module
+            "vit_lsa": dict(spt=False, lsa=True), "sl_vit": dict(spt=True, lsa=True),
+            # the paper's LSA ablation: each half of LSA alone
+            "vit_mask": dict(spt=False, diag_mask=True), "vit_temp": dict(spt=False, learned_temperature=True)}
+ADD_ON_MODELS = {"pit": "pit", "sl_pit": "pit", "swin": "swin", "sl_swin": "swin",  # chapter 9
+                 "resnet20": "resnet", "resnet32": "resnet", "resnet56": "resnet"}    # chapter 7a's CNN baseline
 
 def create_model(
-    name: str,                  # a `VARIANTS` name ("vit", "vit_spt", "vit_lsa", "sl_vit") or an `ADD_ON_MODELS` name
+    name: str,                  # a `VARIANTS` name ("vit", "vit_spt", "vit_lsa", "sl_vit", ...) or an `ADD_ON_MODELS` name
     num_classes: int = 10,
     image_size: int = 32,
     preset: str | None = None,  # a preset name for the architecture, e.g. "tiny"; None: the paper's
     **overrides,
 ) -> nn.Module:
-    "Build a model by name: one of the paper's four ViT ablation variants, or a chapter-9 model; `overrides` sets any other config field."
-    if name in ADD_ON_MODELS:  # PiT and Swin live in their own modules, built by `create_pit` / `create_swin`
+    "Build a model by name: one of the paper's four ViT ablation variants, or another family's (`ADD_ON_MODELS`); `overrides` sets any other config field."
+    if name in ADD_ON_MODELS:  # other families live in their own modules: `create_pit`, `create_swin`, ...
         family = ADD_ON_MODELS[name]
         return getattr(importlib.import_module(f"vitsd_nbdev.{family}"), f"create_{family}")(name, num_classes, image_size, preset, **overrides)
     if name not in VARIANTS: raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS) + sorted(ADD_ON_MODELS)}")

@@ -108,8 +108,10 @@ def plot_learning_curves(
         ep = [h["epoch"] for h in hist]
         c = f"C{i}"
         ax_loss.plot(ep, [h["train_loss"] for h in hist], color=c, label=f"{name} train")
-        ax_loss.plot(ep, [h["test_loss"] for h in hist], color=c, ls="--", label=f"{name} test")
-        ax_acc.plot(ep, [100 * h["test_acc"] for h in hist], color=c, label=name)
+        ax_loss.plot([h["epoch"] for h in hist if h["test_loss"] is not None],
+                     [h["test_loss"] for h in hist if h["test_loss"] is not None], color=c, ls="--", label=f"{name} test")
+        ev = [h for h in hist if h["test_acc"] is not None]    # epochs that were evaluated
+        ax_acc.plot([h["epoch"] for h in ev], [100 * h["test_acc"] for h in ev], color=c, label=name)
     ax_loss.set(xlabel="epoch", ylabel="loss"); ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
     ax_loss.legend(fontsize=8); ax_acc.legend(fontsize=8)
     fig.tight_layout()
