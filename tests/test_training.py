@@ -170,6 +170,12 @@ def test_best_weights_are_those_of_the_best_validation_epoch(tmp_path, monkeypat
     for k, v in snapshots[2].items(): assert torch.equal(best[k], v), k
     assert any(not torch.equal(best[k], v) for k, v in snapshots[3].items())
 
+def test_val_split_with_eval_every_chooses_among_evaluated_epochs(tmp_path):
+    s = train(TrainConfig(**TINY, epochs=3, eval_every=2, val_split=0.1, out_dir=str(tmp_path)), progress=False, log=False)
+    hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [h["val_acc"] is None for h in hist] == [True, False, False]          # epochs 2 and 3 (the last)
+    assert s["best_epoch"] in (2, 3) and (tmp_path / "best.safetensors").is_file()
+
 def test_demo_reaches_a_sane_accuracy(tmp_path, capsys):
     # the main job's recipe, shortened: after 10 epochs both models are far above the 10% of chance
     res = demo(tmp_path, epochs=10, progress=False)

@@ -322,7 +322,7 @@ def train(
     model: nn.Module | None = None, # your own model, trained in place; None: cfg.model by name
     on_epoch_end: Callable[[dict], None] | None = None,  # called with each epoch's metrics
 ) -> dict:                          # summary: final and best accuracy, parameters, time, out_dir
-    "Train a model by `cfg`, evaluating every epoch; writes the run folder cfg.out_dir."
+    "Train a model by `cfg`, evaluating every `eval_every` epochs; writes the run folder out_dir."
     rank, world, device = _setup_distributed(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
@@ -332,7 +332,9 @@ def train(
         changed = [k for k, v in asdict(cfg).items() if ckpt["config"].get(k) != v]
         raise ValueError(f"the checkpoint in {out} was made with a different config "
                          f"({', '.join(changed)}); resume with the same options")
-    torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
 
     train_dl, val_dl, test_dl, info, classes = _run_data(cfg, device, rank, world)
     model, spec = _run_model(cfg, info, model)
