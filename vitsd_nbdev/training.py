@@ -53,14 +53,17 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,  # decay of the weight matrices
 ) -> list[dict]:          # two AdamW parameter groups: with and without weight decay
-    "Weight decay for weight matrices and LSA's multiplier s = 1/τ (as the official code); not for biases, norms, a stored τ, position embeddings, class tokens or bias tables."
+    "Decay weight matrices and LSA's s = 1/τ (official); not what `no_weight_decay()` names, nor 1-D ones."
+    if hasattr(model, "no_weight_decay"): named = set(model.no_weight_decay())   # ours (ch. 5), timm's
+    else: named = {n for n, _ in model.named_parameters() if n.endswith(_NO_DECAY_SUFFIXES)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
-        skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "bias_table"))
-        if name.endswith("temperature.scale"): skip = False   # the official code decays s
-        (no_decay if skip else decay).append(p)
+        one_d = p.ndim < 2 and not name.endswith("temperature.scale")   # the official code decays s
+        (no_decay if name in named or one_d else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "bias_table")   # for modules without no_weight_decay()
 
 # %% ../nbs/07_training.ipynb #baa36d29
 def amp_dtype(
