@@ -1,4 +1,5 @@
-"Training (chapter 7) and the CLI: schedule, weight decay groups, exact resume, DDP equivalence, bad options, the demo."
+"Training (chapter 7) and the CLI: schedule, weight decay groups, exact resume, DDP equivalence, run folders, bad options, the demo."
+import json
 import math
 import os
 import subprocess
@@ -8,8 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitsd_nbdev.cli import demo
-from vitsd_nbdev.training import TrainConfig, load_checkpoint, lr_at, param_groups, save_checkpoint, train
+from safetensors.torch import load_file
+
+from vitsd_nbdev import __version__
+from vitsd_nbdev.cli import demo, train_parser
+from vitsd_nbdev.data import get_device_loaders
+from vitsd_nbdev.training import TrainConfig, evaluate, load_checkpoint, lr_at, param_groups, save_checkpoint, train
 from vitsd_nbdev.vit import create_model
 
 BIN = Path(sys.executable).parent
@@ -80,25 +85,106 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "mnist"], "unknown dataset"),
-    (["--dataset", "digits", "--model", "resnet"], "unknown model"),
-    (["--dataset", "digits", "--image-size", "32", "--patch-size", "5"], "does not divide"),
+    (["--dataset", "digits", "--model", "resnet"], "invalid choice: 'resnet'"),
+    (["--dataset", "imagefolder:/no/such/folder", "--model", "resnet"], "invalid choice: 'resnet'"),  # before the data
+    (["--dataset", "digits", "--image-size", "32", "--patch-size", "5"], "pass a --patch-size that divides"),
     (["--dataset", "imagefolder:/no/such/folder"], "no folder"),
-    (["--dataset", "digits", "--amp", "fp8"], "amp must be"),
+    (["--dataset", "digits", "--amp", "fp8"], "invalid choice: 'fp8'"),
+    (["--dataset", "digits", "--val-split", "1.5"], "--val-split must be"),
+    (["--dataset", "digits", "--warmup-epochs", "3"], "--warmup-epochs must be between 0 and epochs"),
 ])
 def test_cli_rejects_bad_options_in_one_line(tmp_path, args, message):
-    r = subprocess.run([BIN / "vitsd-train", *args, "--epochs", "1", "--warmup-epochs", "0", "--no-progress", "--out-dir", tmp_path],
+    r = subprocess.run([BIN / "vitsd-train", *args, "--epochs", "1", "--no-progress", "--out-dir", tmp_path],
                        capture_output=True, text=True)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith("vitsd-train: error:"), r.stderr
 
 
-def test_demo_reaches_a_sane_accuracy(tmp_path):
+def test_cli_help_describes_every_option_and_shows_defaults():
+    ap = train_parser()
+    for a in ap._actions: assert a.help, a.dest
+    text = " ".join(ap.format_help().split())                   # unwrapped
+    assert "(default: 128)" in text and "--val-split" in text and "(default: sl_vit)" in text
+    r = subprocess.run([BIN / "vitsd-train", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and __version__ in r.stdout
+
+
+def test_one_epoch_works_without_warmup_flags(tmp_path):
+    r = subprocess.run([BIN / "vitsd-train", "--dataset", "digits", "--image-size", "16", "--preset", "tiny",
+                        "--epochs", "1", "--no-progress", "--out-dir", tmp_path], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["summary"]["epochs_done"] == 1
+
+
+def test_run_folder_rebuilds_the_trained_model(tmp_path):
+    "config.json + model.safetensors rebuild the module train() trained in place; the checkpoint loads with weights_only."
+    torch.manual_seed(0)
+    mine = create_model("sl_vit", image_size=16, preset="tiny", in_chans=1)
+    seen = []
+    cfg = TrainConfig(**TINY, epochs=2, out_dir=str(tmp_path))
+    s = train(cfg, model=mine, progress=False, log=False, on_epoch_end=seen.append)
+    assert [h["epoch"] for h in seen] == [1, 2] and s["model"] == "ViT"
+    run = json.loads((tmp_path / "config.json").read_text())
+    assert run["classes"] == [str(k) for k in range(10)] and run["mean"] == [0.3054] and run["in_chans"] == 1
+    assert run["model"] == {"class": "vitsd_nbdev.vit.ViT"} and run["train"]["epochs"] == 2
+    assert set(run["versions"]) == {"vitsd_nbdev", "torch"}
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)          # no pickled objects inside
+    rebuilt = create_model("sl_vit", image_size=16, preset="tiny", in_chans=1)
+    rebuilt.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    x = torch.randn(4, 1, 16, 16)
+    mine.eval(), rebuilt.eval()
+    assert torch.equal(mine(x), rebuilt(x))
+    for k, v in ckpt["model"].items(): assert torch.equal(v, rebuilt.state_dict()[k]), k
+
+
+def test_val_split_chooses_the_best_epoch_on_validation(tmp_path):
+    cfg = TrainConfig(**TINY, epochs=6, val_split=0.1, out_dir=str(tmp_path))
+    s = train(cfg, progress=False, log=False)
+    hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    best = max(hist, key=lambda h: h["val_acc"])
+    assert (s["best_on"], s["best_epoch"], s["best_acc"], s["best_val_acc"]) == \
+        ("validation", best["epoch"], best["test_acc"], best["val_acc"])
+    run = json.loads((tmp_path / "config.json").read_text())
+    m = create_model(**run["model"])
+    m.load_state_dict(load_file(tmp_path / "best.safetensors"))              # the best epoch's weights:
+    _, test_dl, _ = get_device_loaders("digits", image_size=16, batch_size=64)
+    assert round(evaluate(m, test_dl, torch.device("cpu"))[1], 5) == best["test_acc"]   # its test accuracy
+    plain = train(TrainConfig(**TINY, epochs=1, out_dir=str(tmp_path / "plain")), progress=False, log=False)
+    assert plain["best_on"] == "test" and plain["best_val_acc"] is None
+
+
+def test_best_weights_are_those_of_the_best_validation_epoch(tmp_path, monkeypatch):
+    "With scripted accuracies, validation picks epoch 2 while test would pick epoch 3; best.safetensors is epoch 2's."
+    import vitsd_nbdev.training as training
+    scripted = iter([(1.0, 0.5), (1.0, 0.5), (1.0, 0.9), (1.0, 0.6), (1.0, 0.6), (1.0, 0.9)])   # (val, test) per epoch
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: next(scripted))
+    mine = create_model("vit", image_size=16, preset="tiny", in_chans=1)
+    snapshots = {}
+    def snapshot(m): snapshots[m["epoch"]] = {k: v.clone() for k, v in mine.state_dict().items()}
+    s = train(TrainConfig(**TINY, epochs=3, val_split=0.1, out_dir=str(tmp_path)), model=mine, progress=False,
+              log=False, on_epoch_end=snapshot)
+    assert (s["best_epoch"], s["best_val_acc"], s["best_acc"], s["final_acc"]) == (2, 0.9, 0.6, 0.9)
+    best = load_file(tmp_path / "best.safetensors")
+    for k, v in snapshots[2].items(): assert torch.equal(best[k], v), k
+    assert any(not torch.equal(best[k], v) for k, v in snapshots[3].items())
+
+def test_val_split_with_eval_every_chooses_among_evaluated_epochs(tmp_path):
+    s = train(TrainConfig(**TINY, epochs=3, eval_every=2, val_split=0.1, out_dir=str(tmp_path)), progress=False, log=False)
+    hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [h["val_acc"] is None for h in hist] == [True, False, False]          # epochs 2 and 3 (the last)
+    assert s["best_epoch"] in (2, 3) and (tmp_path / "best.safetensors").is_file()
+
+def test_demo_reaches_a_sane_accuracy(tmp_path, capsys):
     # the main job's recipe, shortened: after 10 epochs both models are far above the 10% of chance
     res = demo(tmp_path, epochs=10, progress=False)
+    assert "seed 0, on cpu" in capsys.readouterr().out          # it names the device it ran on
     assert [r["model"] for r in res] == ["vit", "sl_vit"]
     assert all(r["final_acc"] >= 0.7 for r in res), res
-    for r in res: assert (Path(r["out_dir"]) / "metrics.json").is_file() and (Path(r["out_dir"]) / "curves.png").is_file()
+    for r in res:
+        for f in ("metrics.json", "curves.png", "config.json", "model.safetensors", "best.safetensors"):
+            assert (Path(r["out_dir"]) / f).is_file(), f
 
 def test_compiled_training_matches_eager_on_cpu(tmp_path):
     "torch.compile (TrainConfig.compile) works on the CPU and trains the same model as eager mode, to rounding."

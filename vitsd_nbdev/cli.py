@@ -5,14 +5,19 @@
 # %% ../nbs/10_cli.ipynb #6abc83c6
 from __future__ import annotations
 import argparse
-import sys
-from dataclasses import MISSING, fields, replace
+import inspect
+import re
+from dataclasses import fields, replace
 from pathlib import Path
 
-from .training import TrainConfig, train
+import torch
+
+from . import __version__
+from .training import RECIPES, TrainConfig, model_presets, train
 
 # %% auto #0
-__all__ = ['train_parser', 'train_main', 'demo', 'demo_main']
+__all__ = ['field_help', 'option_choices', 'as_flags', 'train_parser', 'train_options', 'train_main', 'device_name', 'demo',
+           'demo_main']
 
 # %% ../nbs/10_cli.ipynb #4b9dbccf
 def _option_type(annotation: str):
@@ -21,54 +26,137 @@ def _option_type(annotation: str):
     if "None" not in annotation: return base
     return lambda s: None if s.lower() == "none" else base(s)
 
+
+def field_help() -> dict[str, str]:
+    "Each `TrainConfig` field's comment in its source: the help text of its option."
+    names = {f.name for f in fields(TrainConfig)}
+    found = re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(TrainConfig), re.M)
+    return {m[1]: m[2].strip() for m in found if m[1] in names}
+
+
+def option_choices() -> dict[str, list[str]]:
+    "The values the options with a fixed set of values accept ('none' stands for None)."
+    presets = model_presets()
+    return {"model": list(presets),
+            "preset": sorted({p for ps in presets.values() for p in ps}) + ["none"],
+            "amp": ["auto", "bf16", "fp16", "off"],
+            "device": ["auto", "cpu", "cuda"]}
+
+
+def as_flags(message: str) -> str:
+    "A library message in the command line's words: `image_size=` becomes `--image-size`, one line."
+    message = " ".join(message.split())
+    def flag(m): return "--" + m[1].replace("_", "-")
+    message = re.sub(r"(?<=pass )(\w+)=(?:True)?(?: to get_dataset)?", flag, message)
+    names = "|".join(f.name for f in fields(TrainConfig) if "_" in f.name)
+    return re.sub(rf"(?<![\w-])({names})\b", flag, message)
+
+
+class _Parser(argparse.ArgumentParser):
+    "An ArgumentParser whose errors are one line (no usage block), pointing to --help."
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def train_parser() -> argparse.ArgumentParser:
-    "The argument parser of `vitsd-train`, generated from `TrainConfig`."
-    ap = argparse.ArgumentParser(prog="vitsd-train", description="Train a ViT / SL-ViT variant from scratch (the paper's recipe by default).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    "The argument parser of `vitsd-train`, generated from `TrainConfig` and its field comments."
+    ap = _Parser(prog="vitsd-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                 description="Train a ViT / SL-ViT variant from scratch (the paper's recipe by "
+                             "default) and write a run folder that `vitsd-predict` can use.")
+    helps, choices = field_help(), option_choices()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool": ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else: ap.add_argument(flag, type=_option_type(f.type), default=f.default, metavar=f.name.upper())
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
-    ap.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N epochs (resume later)")
+        if f.type == "bool":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                            help=helps[f.name])
+        elif f.name in choices:
+            default = "none" if f.default is None else f.default
+            listed = all(c in helps[f.name] for c in choices[f.name])    # the comment lists them
+            more = "" if listed else f"; one of {', '.join(choices[f.name])}"
+            ap.add_argument(flag, choices=choices[f.name], default=default, metavar=f.name.upper(),
+                            help=helps[f.name] + more)
+        else:
+            ap.add_argument(flag, type=_option_type(f.type), default=f.default,
+                            metavar=f.name.upper(), help=helps[f.name])
+    ap.add_argument("--recipe", choices=list(RECIPES), default=None,
+                    help="start from a named recipe's settings (`RECIPES`); the options you give "
+                         "override it")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out-dir from its checkpoint")
+    ap.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="stop after N epochs (resume later)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--version", action="version",
+                    version=f"%(prog)s {__version__} (torch {torch.__version__})")
     return ap
+
+
+def train_options(
+    argv: list[str] | None = None,  # the command line after `vitsd-train`
+    ap: argparse.ArgumentParser | None = None,  # `train_parser()`, or one like it
+) -> tuple[TrainConfig, dict]:      # the config and the run options: resume, stop_after, progress
+    "Parse a `vitsd-train` command line: a recipe's settings first, then the options given."
+    ap = ap or train_parser()
+    recipe = ap.parse_args(argv).recipe
+    if recipe is not None: ap.set_defaults(**RECIPES[recipe])
+    a = vars(ap.parse_args(argv))
+    a.pop("recipe")
+    run = dict(resume=a.pop("resume"), stop_after=a.pop("stop_after"),
+               progress=not a.pop("no_progress"))
+    a = {k: None if v == "none" and k in option_choices() else v for k, v in a.items()}
+    return TrainConfig(**a), run
+
 
 def train_main(argv: list[str] | None = None):
     "Entry point of the `vitsd-train` command."
     ap = train_parser()
-    a = vars(ap.parse_args(argv))
-    run = {k: a.pop(k) for k in ("resume", "stop_after", "no_progress")}
     try:
-        train(TrainConfig(**a), resume=run["resume"], stop_after=run["stop_after"], progress=not run["no_progress"])
+        cfg, run = train_options(argv, ap)
+        train(cfg, **run)
     except (ValueError, FileNotFoundError) as e:
-        ap.exit(2, f"vitsd-train: error: {e}\n")
+        ap.error(as_flags(str(e)))
 
 # %% ../nbs/10_cli.ipynb #1bfb1372
+def device_name(device: str) -> str:
+    "A device in words: 'cpu', or 'cuda:0 (the GPU's name)'."
+    d = torch.device(device)
+    if d.type != "cuda": return d.type
+    return f"{d} ({torch.cuda.get_device_name(d)})"
+
+
 def demo(
     out_dir: str | Path = "runs/demo",  # one sub-folder per model
-    epochs: int = 40,
+    epochs: int = 40,                   # passes over the digits' training images
     models: tuple[str, ...] = ("vit", "sl_vit"),
-    seed: int = 0,
-    progress: bool = True,
-) -> list[dict]:                         # the summary of each run (see `train`)
+    seed: int = 0,                      # seeds initialisation, data order and augmentation
+    progress: bool = True,              # a progress bar per epoch
+) -> list[dict]:                        # the summary of each run (see `train`)
     "Train each model on the digits data with the same recipe and print a comparison table."
-    base = TrainConfig(dataset="digits", image_size=16, preset="tiny", epochs=epochs, warmup_epochs=max(1, epochs // 8),
-                       batch_size=64, seed=seed)
-    results = [train(replace(base, model=m, out_dir=str(Path(out_dir) / m)), progress=progress, log=False) for m in models]
-    print(f"\ndigits (1,437 train / 360 test images, 16x16), tiny preset, {epochs} epochs, seed {seed}, CPU")
-    print(f"{'model':8s} {'params':>8s} {'final acc':>10s} {'best acc (epoch)':>17s} {'train time':>11s}")
+    base = TrainConfig(dataset="digits", image_size=16, preset="tiny", epochs=epochs,
+                       warmup_epochs=max(1, epochs // 8), batch_size=64, seed=seed)
+    results = [train(replace(base, model=m, out_dir=str(Path(out_dir) / m)), progress=progress,
+                     log=False) for m in models]
+    print(f"\ndigits (1,437 train / 360 test images, 16x16), tiny preset, {epochs} epochs, "
+          f"seed {seed}, on {device_name(results[0]['device'])}")
+    print(f"{'model':8s} {'params':>8s} {'final acc':>10s} {'best acc (epoch)':>17s} "
+          f"{'train time':>11s}")
     for r in results:
-        print(f"{r['model']:8s} {r['params']:8,d} {r['final_acc']:10.2%} {r['best_acc']:10.2%} ({r['best_epoch']:3d}) {r['train_time']:10.1f}s")
-    print(f"metrics, curves and checkpoints: {Path(out_dir)}/<model>/")
+        print(f"{r['model']:8s} {r['params']:8,d} {r['final_acc']:10.2%} {r['best_acc']:10.2%} "
+              f"({r['best_epoch']:3d}) {r['train_time']:10.1f}s")
+    print("best acc: the best test accuracy over the epochs (an optimistic estimate)")
+    print(f"run folders (config, weights, metrics, curves): {Path(out_dir)}/<model>/")
     return results
+
 
 def demo_main(argv: list[str] | None = None):
     "Entry point of the `vitsd-demo` command."
-    ap = argparse.ArgumentParser(prog="vitsd-demo", description="Train ViT and SL-ViT on the embedded digits data and compare them.")
-    ap.add_argument("--out-dir", default="runs/demo", help="one sub-folder per model")
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = _Parser(prog="vitsd-demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                 description="Train ViT and SL-ViT on the embedded digits data and compare them.")
+    ap.add_argument("--out-dir", default="runs/demo", help="one run folder per model under it")
+    ap.add_argument("--epochs", type=int, default=40, help="passes over the training images")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds initialisation, data order, augmentation")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     a = ap.parse_args(argv)
     try: demo(a.out_dir, a.epochs, seed=a.seed)
-    except ValueError as e: ap.exit(2, f"vitsd-demo: error: {e}\n")
+    except ValueError as e: ap.error(as_flags(str(e)))

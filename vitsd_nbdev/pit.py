@@ -5,7 +5,7 @@
 # %% ../nbs/09_pit.ipynb #0a6aeef1
 from __future__ import annotations
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from einops import rearrange
@@ -13,7 +13,7 @@ from torch import nn
 
 from .patches import PatchEmbedding, PatchTokenization
 from .spt import ShiftedPatchTokenization, SPTPooling
-from .vit import Block, _init_official
+from .vit import Block, _init_official, classifier, no_weight_decay_names
 
 # %% auto #0
 __all__ = ['PIT_PRESETS', 'PIT_MODELS', 'PiTConfig', 'ConvPooling', 'PiT', 'create_pit']
@@ -103,7 +103,7 @@ class PiT(nn.Module):
             for d, n, h in zip(c.dims, c.depths, c.heads)])
         self.pools = nn.ModuleList([SPTPooling(d, 2 * d, merge_size=2) if c.sl else ConvPooling(d, 2 * d, c.pool_pointwise)
                                     for d in c.dims[:-1]])
-        self.head = nn.Sequential(nn.LayerNorm(c.dims[-1]), nn.Linear(c.dims[-1], c.num_classes))
+        self.head = nn.Sequential(nn.LayerNorm(c.dims[-1]), classifier(c.dims[-1], c.num_classes))
         self.apply(_init_pit)
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
 
@@ -118,8 +118,22 @@ class PiT(nn.Module):
             z = stage(z)
         return z
 
+    def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        "The final norm on the class token, then the classifier (as `ViT.forward_head`)."
+        x = self.head[0](z[:, 0])
+        return x if pre_logits else self.head[1](x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> logits [B, num_classes]
-        return self.head(self.forward_features(x)[:, 0])
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int):  # 0: none, the model returns pooled features
+        "A new classifier for `num_classes` classes (as `ViT.reset_classifier`)."
+        self.config = replace(self.config, num_classes=num_classes)
+        self.head[1] = classifier(self.config.dims[-1], num_classes).apply(_init_pit)
+
+    def no_weight_decay(self) -> set[str]:
+        "The parameters AdamW should not decay (see `no_weight_decay_names`)."
+        return no_weight_decay_names(self)
 
 def _init_pit(m: nn.Module):
     "The official initialisation (`vit._init_official`), with Xavier-normal convolutions too."

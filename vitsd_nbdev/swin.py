@@ -5,7 +5,7 @@
 # %% ../nbs/09a_swin.ipynb #39e69f74
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from einops import rearrange
@@ -14,7 +14,7 @@ from torch import nn
 from .lsa import LearnedTemperature, attention_weights, locality_attention
 from .patches import PatchEmbedding, PatchTokenization, patchify
 from .spt import ShiftedPatchTokenization, SPTPooling
-from .vit import Block
+from .vit import Block, classifier, no_weight_decay_names
 
 # %% auto #0
 __all__ = ['SWIN_VARIANTS', 'SWIN_PRESETS', 'SwinConfig', 'window_partition', 'window_reverse', 'relative_position_index',
@@ -240,7 +240,7 @@ class Swin(nn.Module):
             if i < len(c.stages) - 1:
                 self.merges.append(SPTPooling(s["dim"], 2 * s["dim"], merge_size=2, cls_token=False) if c.sl else PatchMerging(s["dim"], 2 * s["dim"]))
         self.norm = nn.LayerNorm(c.stages[-1]["dim"])
-        self.head = nn.Linear(c.stages[-1]["dim"], c.num_classes)
+        self.head = classifier(c.stages[-1]["dim"], c.num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> tokens [B, N_last, d_last]
         "The tokens after the last stage."
@@ -250,8 +250,22 @@ class Swin(nn.Module):
             if i < len(self.merges): z = self.merges[i](z)
         return z
 
+    def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        "The final norm, the mean over the tokens, then the classifier (as `ViT.forward_head`)."
+        x = self.norm(z).mean(1)
+        return x if pre_logits else self.head(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> logits [B, num_classes]
-        return self.head(self.norm(self.forward_features(x)).mean(1))
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int):  # 0: none, the model returns pooled features
+        "A new classifier for `num_classes` classes (as `ViT.reset_classifier`)."
+        self.config = replace(self.config, num_classes=num_classes)
+        self.head = classifier(self.config.stages[-1]["dim"], num_classes)
+
+    def no_weight_decay(self) -> set[str]:
+        "The parameters AdamW should not decay (see `no_weight_decay_names`)."
+        return no_weight_decay_names(self)
 
 def create_swin(
     name: str,                  # "swin" or "sl_swin"

@@ -5,29 +5,35 @@
 # %% ../nbs/07_training.ipynb #58a66482
 from __future__ import annotations
 import csv
+import importlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
 from contextlib import nullcontext
+from copy import copy
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from .data import get_device_loaders
-from .vit import count_params, create_model
+from . import __version__
+from .data import DeviceLoader, get_dataset, get_device_loaders
+from .vit import ADD_ON_MODELS, PRESETS, VARIANTS, count_params, create_model
 
 # %% auto #0
-__all__ = ['RECIPES', 'lr_at', 'param_groups', 'amp_dtype', 'TrainConfig', 'save_checkpoint', 'load_checkpoint', 'evaluate',
-           'train']
+__all__ = ['RECIPES', 'lr_at', 'param_groups', 'amp_dtype', 'model_presets', 'TrainConfig', 'write_atomic', 'save_checkpoint',
+           'load_checkpoint', 'save_weights', 'evaluate', 'stratified_split', 'train']
 
 # %% ../nbs/07_training.ipynb #02f3d995
 def lr_at(
@@ -47,14 +53,17 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,  # decay of the weight matrices
 ) -> list[dict]:          # two AdamW parameter groups: with and without weight decay
-    "Weight decay for weight matrices and LSA's multiplier s = 1/τ (as the official code); not for biases, norms, a stored τ, position embeddings, class tokens or bias tables."
+    "Decay weight matrices and LSA's s = 1/τ (official); not what `no_weight_decay()` names, nor 1-D ones."
+    if hasattr(model, "no_weight_decay"): named = set(model.no_weight_decay())   # ours (ch. 5), timm's
+    else: named = {n for n, _ in model.named_parameters() if n.endswith(_NO_DECAY_SUFFIXES)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
-        skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "bias_table"))
-        if name.endswith("temperature.scale"): skip = False   # the official code decays s
-        (no_decay if skip else decay).append(p)
+        one_d = p.ndim < 2 and not name.endswith("temperature.scale")   # the official code decays s
+        (no_decay if name in named or one_d else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "bias_table")   # for modules without no_weight_decay()
 
 # %% ../nbs/07_training.ipynb #baa36d29
 def amp_dtype(
@@ -68,66 +77,122 @@ def amp_dtype(
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 # %% ../nbs/07_training.ipynb #870d7ec6
+def model_presets() -> dict[str, list[str]]:
+    "The preset names each model accepts (`create_model`'s `preset`)."
+    def family_presets(family: str) -> list[str]:   # e.g. PIT_PRESETS in vitsd_nbdev.pit; none: []
+        module = importlib.import_module(f"vitsd_nbdev.{family}")
+        return list(getattr(module, f"{family.upper()}_PRESETS", {}))
+    return {m: family_presets(ADD_ON_MODELS[m]) if m in ADD_ON_MODELS else list(PRESETS)
+            for m in [*VARIANTS, *ADD_ON_MODELS]}
+
+
 @dataclass
 class TrainConfig:
-    "Everything a training run depends on; defaults are the official CIFAR recipe (see `RECIPES`)."
-    dataset: str = "cifar10"           # a `get_dataset` name, e.g. "digits", "cifar10", "imagefolder:<path>"
-    data_root: str = "data"            # folder of the downloadable datasets
-    download: bool = False             # download cifar10/cifar100/svhn into data_root if missing (needs internet)
-    image_size: int | None = None      # resize to this square size; None: the dataset's own size
-    model: str = "sl_vit"              # a `create_model` name: "vit", "vit_spt", "vit_lsa", "sl_vit"; chapter 9: "pit", "sl_pit", "swin", "sl_swin"
-    preset: str | None = None          # a model preset, e.g. "tiny"; None: the paper's architecture
-    patch_size: int | None = None      # None: image_size // 8 (the paper's 8×8 token grid)
-    depth: int | None = None           # encoder blocks; None: the preset's (9 for the paper's ViT)
-    epochs: int = 300                  # passes over the training data (official: 100 "epochs" of 3 passes)
-    batch_size: int = 128              # global batch, split over processes under torchrun
-    lr: float = 1e-3
-    min_lr: float = 1e-6               # start of warm-up and end of the cosine
-    warmup_epochs: int = 30            # linear warm-up from min_lr (official: 10 "epochs" of 3 passes)
-    weight_decay: float = 0.05
-    drop_path: float | None = None     # stochastic depth; None: the model's default (0.1 for the paper's)
-    grad_clip: float | None = None     # clip the gradient norm to this value; None: no clipping
-    augment: bool = True               # the dataset's default recipe (chapter 6); False: none
-    amp: str = "auto"                  # see `amp_dtype`
-    compile: bool = False              # torch.compile the model (training steps; evaluation stays eager)
-    eval_every: int = 1                # evaluate on the test split every this many epochs, and after the last
-    seed: int = 0
-    device: str = "auto"               # "auto": cuda if available, else cpu
-    out_dir: str = "runs/run"          # checkpoint, metrics and curves go here
+    "Everything a training run depends on; defaults: the official CIFAR recipe (see `RECIPES`)."
+    dataset: str = "cifar10"  # digits, cifar10, cifar100, svhn, tiny_imagenet or imagefolder:PATH
+    data_root: str = "data"   # folder of the downloadable datasets
+    download: bool = False    # download a missing cifar10/cifar100/svhn/tiny_imagenet (internet)
+    image_size: int | None = None  # resize to this square size in pixels; None: the dataset's own
+    model: str = "sl_vit"     # a `create_model` name: ViT variants, PiT, Swin (ch. 9), ResNets (7a)
+    preset: str | None = None # a smaller architecture, e.g. tiny; None: the paper's
+    patch_size: int | None = None  # None: image_size // 8 (the paper's 8×8 token grid)
+    depth: int | None = None  # encoder blocks; None: the preset's (9 for the paper's ViT)
+    epochs: int = 300         # passes over the training data (official: 100 "epochs" of 3 passes)
+    batch_size: int = 128     # global batch, split over processes under torchrun
+    lr: float = 1e-3          # peak learning rate of AdamW, reached at the end of the warm-up
+    min_lr: float = 1e-6      # start of warm-up and end of the cosine
+    warmup_epochs: int | None = None  # linear warm-up from min_lr; None: epochs / 10, rounded up
+    weight_decay: float = 0.05  # AdamW weight decay of the weight matrices
+    drop_path: float | None = None  # stochastic depth; None: the model's (0.1 for the paper's)
+    grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
+    augment: bool = True      # the dataset's default augmentation recipe (chapter 6); off: none
+    amp: str = "auto"         # mixed precision: auto (see amp_dtype), bf16, fp16 or off
+    compile: bool = False     # torch.compile the model (training steps; evaluation stays eager)
+    eval_every: int = 1       # evaluate every this many epochs, and after the last
+    seed: int = 0             # seeds initialisation, data order, augmentation and validation split
+    device: str = "auto"      # auto (cuda if available, else cpu), cpu or cuda
+    val_split: float = 0.0    # fraction of training images held out to choose the best epoch
+    out_dir: str = "runs/run" # the run folder: config, weights, checkpoint, metrics, curves
 
     def __post_init__(self):
         for k in ("epochs", "batch_size", "eval_every"):
-            if getattr(self, k) < 1: raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
-        if not 0 <= self.warmup_epochs <= self.epochs: raise ValueError(f"warmup_epochs must be between 0 and epochs ({self.epochs}), got {self.warmup_epochs}")
-        if self.lr <= 0 or self.min_lr < 0: raise ValueError("lr must be positive and min_lr non-negative")
+            v = getattr(self, k)
+            if v < 1: raise ValueError(f"{k} must be at least 1, got {v}")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
+                             f"got {self.warmup_epochs}; give a smaller warmup_epochs or leave it unset")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError("lr must be positive and min_lr non-negative")
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"val_split must be at least 0 and below 1, got {self.val_split}")
         amp_dtype(torch.device("cpu"), self.amp)           # validates the amp setting
+        presets = model_presets()
+        if self.model not in presets:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(presets)}")
+        if self.preset is not None and self.preset not in presets[self.model]:
+            raise ValueError(f"{self.model} has no preset {self.preset!r}; "
+                             f"choose one of {', '.join(presets[self.model])} or none")
+        try: torch.device("cpu" if self.device == "auto" else self.device)
+        except RuntimeError:
+            msg = f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            raise ValueError(msg) from None
+
+    @property
+    def warmup(self) -> int:
+        "Epochs of warm-up: `warmup_epochs`, or by default a tenth of the run (the official share)."
+        if self.warmup_epochs is not None: return self.warmup_epochs
+        return math.ceil(self.epochs / 10)
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> TrainConfig:
         "A named recipe (see `RECIPES`), with any field overridden."
-        if name not in RECIPES: raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
         return cls(**{**RECIPES[name], **overrides})
 
 RECIPES = {
-    # the official code's CIFAR run: 100 "epochs" of a sampler that repeats each image 3 times = 300 passes,
-    # 10 of them (30 passes) warm-up, AdamW lr 1e-3, weight decay 0.05, batch 128, float32 (no AMP)
-    "official": dict(epochs=300, warmup_epochs=30, batch_size=128, lr=1e-3, min_lr=1e-6, weight_decay=0.05,
-                     amp="off"),
+    # the official code's CIFAR run: 100 "epochs" of a sampler that repeats each image 3 times =
+    # 300 passes, 10 of them (30 passes) warm-up, AdamW lr 1e-3, weight decay 0.05, batch 128,
+    # float32
+    "official": dict(epochs=300, warmup_epochs=30, batch_size=128, lr=1e-3, min_lr=1e-6,
+                     weight_decay=0.05, amp="off"),
 }
 
 # %% ../nbs/07_training.ipynb #fe8df3e9
-def save_checkpoint(path: str | Path, state: dict):
-    "Write `state` with torch.save atomically: a temporary file in the same folder, then an atomic rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+def write_atomic(
+    path: str | Path,
+    write: Callable[[Path], None],  # writes the content to the path it is given
+):
+    "Write a file atomically: `write` fills a temporary file in the same folder, then a rename."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: str | Path, state: dict):
+    "Write `state` with torch.save, atomically (tensors, numbers, strings and containers only)."
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
 
 def load_checkpoint(path: str | Path) -> dict:
-    "Read a checkpoint written by `save_checkpoint` (on the CPU)."
+    "Read a checkpoint written by `save_checkpoint` on the CPU, without running any pickled code."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}; train without --resume first")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train without --resume first")
+    try: return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds Python objects beyond tensors and numbers (from an older "
+                         "version?); not loaded, since unpickling them could run code") from None
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None):
+    "Write a model's state dict as a safetensors file, atomically."
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_atomic(path, lambda tmp: save_file(state, tmp, metadata))
 
 # %% ../nbs/07_training.ipynb #b637c26c
 @torch.inference_mode()
@@ -140,8 +205,9 @@ def evaluate(
     "Mean cross-entropy and accuracy of `model` on every batch of `loader`."
     was_training = model.training
     model.eval()
-    loss_sum, correct, n = torch.zeros((), device=device), torch.zeros((), device=device), 0   # summed on the device:
-    for x, y in loader:                                                                        # no per-batch sync
+    loss_sum = torch.zeros((), device=device)      # summed on the device: no per-batch sync
+    correct, n = torch.zeros((), device=device), 0
+    for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
             logits = model(x)
@@ -150,133 +216,257 @@ def evaluate(
     model.train(was_training)
     return loss_sum.item() / n, correct.item() / n
 
+# %% ../nbs/07_training.ipynb #d2e5d9d7
+def stratified_split(
+    labels,           # one int label per image
+    fraction: float,  # share of every class to hold out, 0 < fraction < 1
+    seed: int = 0,    # chooses which images are held out
+) -> tuple[np.ndarray, np.ndarray]:  # sorted indices: (kept, held out)
+    "Hold out `fraction` of the images of every class, drawn at random with `seed`."
+    if not 0 < fraction < 1: raise ValueError(f"val_split must be between 0 and 1, got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    held = np.sort(np.concatenate([idx[:round(fraction * len(idx))] for idx in held]))
+    if len(held) == 0:
+        raise ValueError(f"val_split {fraction} holds out no image of {len(labels)}; raise it")
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
 # %% ../nbs/07_training.ipynb #2639b91c
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     "Rank, world size and device of this process; initialises torch.distributed under torchrun."
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but torch sees no CUDA GPU; use cpu or auto")
     if world == 1: return 0, 1, torch.device(device)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda": torch.cuda.set_device(local); device = f"cuda:{local}"
-    if not dist.is_initialized(): dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), world, torch.device(device)
 
+
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(), "python": random.getstate()}
+    "Every random-number state, as tensors and numbers (so the checkpoint loads with weights_only)."
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
+            "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+            "numpy_rest": (np_pos, np_has_gauss, np_gauss),
+            "python": torch.tensor(py_state, dtype=torch.int64),
+            "python_rest": (py_version, py_gauss)}
+
 
 def _set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"]); np.random.set_state(s["numpy"]); random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), *s["numpy_rest"]))
+    version, gauss = s["python_rest"]
+    random.setstate((version, tuple(s["python"].tolist()), gauss))
     if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
+
 def _write_metrics(out: Path, cfg: TrainConfig, history: list[dict], summary: dict):
-    "metrics.json (config, history, summary) and metrics.csv (one row per epoch), each written atomically."
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps({"config": asdict(cfg), "history": history, "summary": summary}, indent=1))
-    os.replace(tmp, out / "metrics.json")
-    tmp = out / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0])); w.writeheader(); w.writerows(history)
-    os.replace(tmp, out / "metrics.csv")
+    "metrics.json (config, history, summary) and metrics.csv (a row per epoch), written atomically."
+    metrics = json.dumps({"config": asdict(cfg), "history": history, "summary": summary}, indent=1)
+    write_atomic(out / "metrics.json", lambda tmp: tmp.write_text(metrics))
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(history[0]))
+            w.writeheader()
+            w.writerows(history)
+    write_atomic(out / "metrics.csv", write_csv)
+
+# %% ../nbs/07_training.ipynb #ac638d9a
+def _run_data(cfg: TrainConfig, device: torch.device, rank: int, world: int):
+    "Training, validation (None without `val_split`) and test loaders, dataset info, class names."
+    train_dl, test_dl, info = get_device_loaders(
+        cfg.dataset, cfg.data_root, cfg.batch_size // world, cfg.augment, cfg.image_size,
+        device=device, seed=cfg.seed, rank=rank, world_size=world, download=cfg.download)
+    classes = get_dataset(cfg.dataset, cfg.data_root, "test", image_size=cfg.image_size).classes
+    if not cfg.val_split: return train_dl, None, test_dl, info, classes
+    split = stratified_split(train_dl.labels.cpu(), cfg.val_split, cfg.seed)
+    keep, held = (torch.from_numpy(i).to(train_dl.images.device) for i in split)
+    x, y = train_dl.images, train_dl.labels
+    val_dl = DeviceLoader(x[held], y[held], train_dl.batch_size, info.mean, info.std)
+    train_dl = copy(train_dl)                      # the same recipe on the images that are kept
+    train_dl.images, train_dl.labels = x[keep], y[keep]
+    return train_dl, val_dl, test_dl, info, classes
+
+
+def _run_model(cfg: TrainConfig, info, model: nn.Module | None) -> tuple[nn.Module, dict]:
+    "The model to train and what config.json needs to rebuild it."
+    if model is not None:
+        return model, {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    spec = dict(name=cfg.model, num_classes=info.num_classes, image_size=info.image_size,
+                preset=cfg.preset, in_chans=info.in_chans)
+    overrides = dict(patch_size=cfg.patch_size, drop_path=cfg.drop_path, depth=cfg.depth)
+    spec |= {k: v for k, v in overrides.items() if v is not None}
+    return create_model(**spec), spec
+
+
+def _write_run_config(out: Path, cfg: TrainConfig, spec: dict, info, classes: list[str]):
+    "config.json: what rebuilds the model and its preprocessing, the training config, versions."
+    run = dict(model=spec, classes=list(classes), image_size=info.image_size,
+               in_chans=info.in_chans, mean=list(info.mean), std=list(info.std), train=asdict(cfg),
+               versions={"vitsd_nbdev": __version__, "torch": torch.__version__})
+    write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(run, indent=1)))
 
 # %% ../nbs/07_training.ipynb #518af1b0
 def train(
     cfg: TrainConfig,
-    resume: bool = False,          # continue from the checkpoint in cfg.out_dir
-    stop_after: int | None = None, # stop after this many epochs in this call (the run can be resumed later)
-    progress: bool = True,         # a progress bar per epoch (throughput, loss)
-    log: bool = True,              # print one line per epoch and a summary
-) -> dict:                         # summary: final and best test accuracy, parameters, time, out_dir
-    "Train a model by `cfg`, evaluating every epoch; writes checkpoint.pt, metrics.json/.csv and curves.png to cfg.out_dir."
+    resume: bool = False,           # continue from the checkpoint in cfg.out_dir
+    stop_after: int | None = None,  # stop after this many epochs in this call (resume later)
+    progress: bool = True,          # a progress bar per epoch (throughput, loss)
+    log: bool = True,               # print one line per epoch and a summary
+    model: nn.Module | None = None, # your own model, trained in place; None: cfg.model by name
+    on_epoch_end: Callable[[dict], None] | None = None,  # called with each epoch's metrics
+) -> dict:                          # summary: final and best accuracy, parameters, time, out_dir
+    "Train a model by `cfg`, evaluating every `eval_every` epochs; writes the run folder out_dir."
     rank, world, device = _setup_distributed(cfg.device)
-    if cfg.batch_size % world: raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     out = Path(cfg.out_dir)
     ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
     if ckpt is not None and ckpt["config"] != asdict(cfg):
         changed = [k for k, v in asdict(cfg).items() if ckpt["config"].get(k) != v]
-        raise ValueError(f"the checkpoint in {out} was made with a different config ({', '.join(changed)}); resume with the same options")
-    torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
+        raise ValueError(f"the checkpoint in {out} was made with a different config "
+                         f"({', '.join(changed)}); resume with the same options")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
 
-    train_dl, test_dl, info = get_device_loaders(cfg.dataset, cfg.data_root, cfg.batch_size // world, cfg.augment, cfg.image_size,
-                                                 device=device, seed=cfg.seed, rank=rank, world_size=world, download=cfg.download)
-    overrides = dict(patch_size=cfg.patch_size, drop_path=cfg.drop_path, depth=cfg.depth)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    model = create_model(cfg.model, info.num_classes, info.image_size, preset=cfg.preset, in_chans=info.in_chans, **overrides).to(device)
+    train_dl, val_dl, test_dl, info, classes = _run_data(cfg, device, rank, world)
+    model, spec = _run_model(cfg, info, model)
+    model = model.to(device)
+    name = cfg.model if "name" in spec else type(model).__name__
     n_params = count_params(model)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")  # one kernel per step on GPU
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                            fused=device.type == "cuda")      # one kernel per step on GPU
     dtype = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     smoothing = train_dl.augment.label_smoothing if train_dl.augment else 0.0
     steps_per_epoch = len(train_dl)
-    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup * steps_per_epoch
     history, start, elapsed = [], 0, 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"]); scaler.load_state_dict(ckpt["scaler"])
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
         history, start, elapsed = ckpt["history"], ckpt["epoch"], ckpt["elapsed"]
         _set_rng_state(ckpt["rng"])
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile: net = torch.compile(net)
     end = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
+    best_key = "val_acc" if val_dl is not None else "test_acc"   # what chooses best.safetensors
+    if rank == 0: _write_run_config(out, cfg, spec, info, classes)
     if log and rank == 0:
-        print(f"{cfg.model} on {cfg.dataset} ({info.image_size}px, {info.num_classes} classes): {n_params/1e6:.3f}M parameters, "
-              f"{world} x {device.type}, {dtype or torch.float32}, epochs {start + 1}-{end} of {cfg.epochs}")
+        held = f", {len(val_dl.labels)} training images held out" if val_dl is not None else ""
+        print(f"{name} on {cfg.dataset} ({info.image_size}px, {info.num_classes} classes{held}): "
+              f"{n_params/1e6:.3f}M parameters, {world} x {device.type}, {dtype or torch.float32}, "
+              f"epochs {start + 1}-{end} of {cfg.epochs}")
 
     for epoch in range(start, end):
         train_dl.set_epoch(epoch)
         net.train()
-        t0, loss_sum, correct, seen = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device), 0
-        shown = t0                                                # the bar reads the loss (a device sync) at most once a second
-        bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr, disable=not progress or rank != 0)
+        t0, seen = time.perf_counter(), 0
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        shown = t0                      # the bar reads the loss (a sync) at most once a second
+        bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                   disable=not progress or rank != 0)
         for i, (x, y) in enumerate(bar):
-            for g in opt.param_groups: g["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr, cfg.min_lr)
+            lr = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr, cfg.min_lr)
+            for g in opt.param_groups: g["lr"] = lr
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip is not None:
-                scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt); scaler.update()
-            hard = y if y.ndim == 1 else y.argmax(1)              # soft (mixed) targets: their main class
-            loss_sum += loss.detach() * len(y); correct += (logits.argmax(1) == hard).sum(); seen += len(y)
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            hard = y if y.ndim == 1 else y.argmax(1)    # soft (mixed) targets: their main class
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == hard).sum()
+            seen += len(y)
             if progress and rank == 0 and time.perf_counter() - shown > 1:
-                shown = time.perf_counter(); bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world / (shown - t0):.0f}")
+                shown = time.perf_counter()
+                speed = seen * world / (shown - t0)
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
         bar.close()
         if device.type == "cuda": torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t0; elapsed += epoch_time
-        test_loss = test_acc = None                               # not evaluated this epoch
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            test_loss, test_acc = (round(v, 5) for v in evaluate(model, test_dl, device, dtype))
-        history.append(dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=round(loss_sum.item() / seen, 5),
-                            train_acc=round(correct.item() / seen, 5), test_loss=test_loss, test_acc=test_acc,
-                            epoch_time=round(epoch_time, 3), img_per_s=round(seen * world / epoch_time, 1)))
-        summary = _summary(cfg, history, n_params, elapsed, out)
+        epoch_time = time.perf_counter() - t0
+        elapsed += epoch_time
+        h = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
+                 train_loss=round(loss_sum.item() / seen, 5),
+                 train_acc=round(correct.item() / seen, 5))
+        due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs   # else None
+        for split, dl in (("val", val_dl), ("test", test_dl)):
+            if dl is None: continue
+            loss, acc = evaluate(model, dl, device, dtype) if due else (None, None)
+            loss, acc = (None if v is None else round(v, 5) for v in (loss, acc))
+            h |= {f"{split}_loss": loss, f"{split}_acc": acc}
+        h |= dict(epoch_time=round(epoch_time, 3), img_per_s=round(seen * world / epoch_time, 1))
+        so_far = [p[best_key] for p in history if p[best_key] is not None]
+        improved = due and h[best_key] > max(so_far, default=-1.0)
+        history.append(h)
+        summary = _summary(name, cfg, history, n_params, elapsed, out, device)
         if rank == 0:
-            save_checkpoint(out / "checkpoint.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                                                        epoch=epoch + 1, history=history, elapsed=elapsed, rng=_rng_state(), config=asdict(cfg)))
+            save_weights(model, out / "model.safetensors")
+            if improved: save_weights(model, out / "best.safetensors")
+            save_checkpoint(out / "checkpoint.pt", dict(
+                model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                epoch=epoch + 1, history=history, elapsed=elapsed, rng=_rng_state(),
+                config=asdict(cfg)))
             _write_metrics(out, cfg, history, summary)
             if log:
-                h = history[-1]
-                test = (f"test loss {h['test_loss']:.4f}  test acc {h['test_acc']:.2%}" if h["test_acc"] is not None
+                val = f"val acc {h['val_acc']:.2%}  " if val_dl is not None and due else ""
+                test = (f"test loss {h['test_loss']:.4f}  {val}test acc {h['test_acc']:.2%}" if due
                         else "(not evaluated)")
-                print(f"epoch {h['epoch']:3d}/{cfg.epochs}  lr {h['lr']:.2e}  train loss {h['train_loss']:.4f}  {test}  "
-                      f"{h['img_per_s']:.0f} img/s")
-    summary = _summary(cfg, history, n_params, elapsed, out)
+                print(f"epoch {h['epoch']:3d}/{cfg.epochs}  lr {h['lr']:.2e}  "
+                      f"train loss {h['train_loss']:.4f}  {test}  {h['img_per_s']:.0f} img/s")
+            if on_epoch_end is not None: on_epoch_end(dict(h))
+    summary = _summary(name, cfg, history, n_params, elapsed, out, device)
     if rank == 0 and history:
-        _save_curves(out, cfg, history)
-        if log and summary["final_acc"] is not None: print(f"{cfg.model}: final test accuracy {summary['final_acc']:.2%} (best {summary['best_acc']:.2%} at epoch {summary['best_epoch']}), "
-                      f"{summary['epochs_done']} epochs in {summary['train_time']:.0f}s -> {out}")
+        _save_curves(out, name, history)
+        if log and summary["final_acc"] is not None: print(_summary_line(summary))
     return summary
 
-def _summary(cfg, history, n_params, elapsed, out) -> dict:
-    "Final and best test accuracy (reported separately), size and time of a run."
-    evaluated = [h for h in history if h["test_acc"] is not None]
-    best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else {}
-    return dict(model=cfg.model, dataset=cfg.dataset, params=n_params, epochs_done=len(history),
-                final_acc=history[-1]["test_acc"] if history else None, best_acc=best.get("test_acc"),
-                best_epoch=best.get("epoch"), train_time=round(elapsed, 2), out_dir=str(out))
 
-def _save_curves(out: Path, cfg: TrainConfig, history: list[dict]):
+def _summary(name, cfg, history, n_params, elapsed, out, device) -> dict:
+    "Final test accuracy, and the test accuracy of the best epoch (chosen on validation if any)."
+    best_on = "validation" if cfg.val_split else "test"
+    key = "val_acc" if cfg.val_split else "test_acc"
+    evaluated = [h for h in history if h[key] is not None]
+    best = max(evaluated, key=lambda h: h[key]) if evaluated else {}
+    return dict(model=name, dataset=cfg.dataset, params=n_params, epochs_done=len(history),
+                final_acc=history[-1]["test_acc"] if history else None, best_on=best_on,
+                best_acc=best.get("test_acc"), best_val_acc=best.get("val_acc"),
+                best_epoch=best.get("epoch"), train_time=round(elapsed, 2), device=str(device),
+                out_dir=str(out))
+
+
+def _summary_line(s: dict) -> str:
+    if s["best_on"] == "test":
+        best = f"best on test (optimistic) {s['best_acc']:.2%} at epoch {s['best_epoch']}"
+    else:
+        best = (f"best validation epoch {s['best_epoch']} (val {s['best_val_acc']:.2%}): "
+                f"test {s['best_acc']:.2%}")
+    return (f"{s['model']}: final test accuracy {s['final_acc']:.2%}; {best}; "
+            f"{s['epochs_done']} epochs in {s['train_time']:.0f}s -> {s['out_dir']}")
+
+
+def _save_curves(out: Path, name: str, history: list[dict]):
     import matplotlib.pyplot as plt          # headless, matplotlib falls back to Agg by itself
     from vitsd_nbdev.viz import plot_learning_curves
-    fig = plot_learning_curves({cfg.model: history}); fig.savefig(out / "curves.png", dpi=90); plt.close(fig)
+    fig = plot_learning_curves({name: history})
+    write_atomic(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)

@@ -17,7 +17,8 @@ from .patches import PatchEmbedding, PatchTokenization
 from .spt import ShiftedPatchTokenization
 
 # %% auto #0
-__all__ = ['PRESETS', 'VARIANTS', 'ADD_ON_MODELS', 'ViTConfig', 'Block', 'ViT', 'create_model', 'count_params', 'count_flops']
+__all__ = ['PRESETS', 'VARIANTS', 'ADD_ON_MODELS', 'ViTConfig', 'Block', 'ViT', 'classifier', 'no_weight_decay_names',
+           'create_model', 'count_params', 'count_flops']
 
 # %% ../nbs/05_vit.ipynb #451a3343
 @dataclass
@@ -113,7 +114,7 @@ class ViT(nn.Module):
             Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, c.drop_path,
                   c.diag_mask, c.learned_temperature, c.temperature_form)
             for _ in range(c.depth)])
-        self.head = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, c.num_classes))
+        self.head = nn.Sequential(nn.LayerNorm(c.dim), classifier(c.dim, c.num_classes))
         self.apply(_init_official)
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
 
@@ -123,8 +124,25 @@ class ViT(nn.Module):
         for block in self.blocks: z = block(z)
         return z
 
+    def forward_head(self,
+                     z: torch.Tensor,          # tokens [B, N+1, d] from `forward_features`
+                     pre_logits: bool = False, # stop before the classifier: pooled features [B, d]
+                    ) -> torch.Tensor:         # logits [B, num_classes]
+        "The final norm on the class token, then the classifier."
+        x = self.head[0](z[:, 0])
+        return x if pre_logits else self.head[1](x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> logits [B, num_classes]
-        return self.head(self.forward_features(x)[:, 0])
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int):  # 0: none, the model returns pooled features
+        "A new classifier for `num_classes` classes, initialised as at construction."
+        self.config = replace(self.config, num_classes=num_classes)
+        self.head[1] = classifier(self.config.dim, num_classes).apply(_init_official)
+
+    def no_weight_decay(self) -> set[str]:
+        "The parameters AdamW should not decay (see `no_weight_decay_names`)."
+        return no_weight_decay_names(self)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:  # one [B, heads, N+1, N+1] tensor per block
@@ -145,6 +163,24 @@ def _init_official(m: nn.Module):
         if m.bias is not None: nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+
+# %% ../nbs/05_vit.ipynb #d8b3f373
+def classifier(dim: int, num_classes: int) -> nn.Module:  # Linear(dim, num_classes); 0: Identity
+    "The classification layer of a model, or none (the identity) for `num_classes=0`."
+    if num_classes < 0: raise ValueError(f"num_classes must be at least 0, got {num_classes}")
+    return nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+
+
+_NO_DECAY = ("bias", "pos_embed", "cls_token", "relative_position_bias_table", "tau")
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:  # parameter names, as in named_parameters()
+    "Biases, LayerNorm parameters, position embeddings, class tokens, bias tables and a stored τ."
+    names = set()
+    for module_name, m in model.named_modules():
+        for name, _ in m.named_parameters(recurse=False):
+            if isinstance(m, nn.LayerNorm) or name in _NO_DECAY:
+                names.add(f"{module_name}.{name}" if module_name else name)
+    return names
 
 # %% ../nbs/05_vit.ipynb #82d990f4
 VARIANTS = {"vit": dict(spt=False, lsa=False), "vit_spt": dict(spt=True, lsa=False),
