@@ -10,8 +10,9 @@ Usage, from the repository root:
 Sections, each written to the JSON as soon as it finishes (a run cut short keeps what it measured):
   bench    ours and vit-pytorch's ViT / SL-ViT at the paper's CIFAR configuration, batch 128, training step and
            inference: fp32 and bf16 eager (interleaved, bench_amp.py), and both SL-ViTs bf16 + torch.compile.
-  epoch    `train` for one epoch of CIFAR-10 with the paper's recipe (on-device data path, AutoAugment included) and
-           the default precision; the 300-pass projection = 300 x (training pass + evaluation) of that epoch.
+  epoch    `train` for one epoch of CIFAR-10 with the dataset's default recipe (on-device data path, AutoAugment
+           included: CIFAR-10's policy for 'cifar10', ImageNet's for an image folder) at the default precision;
+           the 300-pass projection = 300 x (training pass + evaluation) of that epoch.
   resume   digits, tiny preset: 2 epochs in one go, the same again, and 1 epoch + resume + 1; are the weights equal
            bit for bit (resume), and is the GPU run-to-run deterministic at all (repeat)?
 """
@@ -84,7 +85,7 @@ def epoch(device: torch.device, data: str, root: str, smoke: bool) -> dict:
         evaluate(model, test_dl, device, dtype)
         eval_s = time.perf_counter() - t0
     train_s = h["history"][0]["epoch_time"]
-    return dict(dataset=cfg.dataset, model=cfg.model, precision=str(dtype or torch.float32),
+    return dict(dataset=cfg.dataset, model=cfg.model, precision=str(dtype or torch.float32), recipe=repr(train_dl.augment),
                 images_per_epoch=len(train_dl) * cfg.batch_size, load_s=round(load_s, 2), train_call_s=round(call_s, 2),
                 train_pass_s=train_s, img_per_s=h["history"][0]["img_per_s"], eval_s=round(eval_s, 3),
                 test_acc_after_1_epoch=s["final_acc"],
