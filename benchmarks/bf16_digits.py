@@ -41,7 +41,10 @@ def main(argv=None):
                 cfg = TrainConfig(**dict(DIGITS, epochs=a.epochs, warmup_epochs=min(DIGITS["warmup_epochs"], a.epochs)), model=a.model, seed=seed, amp=amp, device="cpu", out_dir=d)
                 t0 = time.time()
                 s = train(cfg, progress=False, log=False)
+                history = json.loads((Path(d) / "metrics.json").read_text())["history"]
             res["runs"][key] = dict(amp=amp, seed=seed, final_acc=s["final_acc"], best_acc=s["best_acc"],
+                                    final_test_loss=history[-1]["test_loss"],
+                                    test_acc_by_epoch=[h["test_acc"] for h in history],
                                     wall_s=round(time.time() - t0, 1), load=round(os.getloadavg()[0], 2))
             print(key, res["runs"][key], flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
