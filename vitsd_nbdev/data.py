@@ -608,6 +608,9 @@ def random_erasing_batch(
     return x.masked_fill(mask, 0.0)
 
 # %% ../nbs/06_data.ipynb #67c8a508
+from .autoaugment import BatchAutoAugment
+
+
 class DeviceLoader:
     "Batches made on the device from in-memory uint8 images: vectorised augmentation, seeded per epoch, shardable."
     def __init__(self,
@@ -635,7 +638,7 @@ class DeviceLoader:
         self.shuffle, self.drop_last, self.seed, self.rank, self.world_size = shuffle, drop_last, seed, rank, world_size
         self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-        self.autoaugment = v2.AutoAugment(AUTOAUGMENT_POLICIES[augment.autoaugment]) if augment and augment.autoaugment else None
+        self.autoaugment = BatchAutoAugment(augment.autoaugment) if augment and augment.autoaugment else None   # chapter 6a
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
@@ -661,7 +664,7 @@ class DeviceLoader:
         x, y, a = self.images[idx], self.labels[idx], self.augment
         if a is not None and a.crop_padding: x = random_crop_batch(x, a.crop_padding)
         if a is not None and a.flip: x = random_flip_batch(x)
-        if self.autoaugment is not None: x = torch.stack([self.autoaugment(img) for img in x])
+        if self.autoaugment is not None: x = self.autoaugment(x)
         x = (x.float() / 255 - self.mean) / self.std
         if a is not None and a.random_erasing: x = random_erasing_batch(x, a.random_erasing)
         if a is not None and a.mixes: x, y = mix_batch(x, y, self.num_classes, a)
