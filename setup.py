@@ -17,6 +17,9 @@ licenses = {"apache2": "Apache-2.0"}  # settings.ini name -> SPDX expression
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
 py_versions = ["3.10", "3.11", "3.12", "3.13"]
 min_python = cfg["min_python"]
+# optional parts, each an extra; the development extra installs them all
+extras = {k: cfg.get(f"{k}_requirements", "").split() for k in ("timm", "export")}
+extras["dev"] = cfg.get("dev_requirements", "").split() + extras["timm"] + extras["export"]
 
 setuptools.setup(
     name=cfg["lib_name"].replace("_", "-"),
@@ -39,9 +42,9 @@ setuptools.setup(
     ] + ["Programming Language :: Python :: " + v for v in py_versions[py_versions.index(min_python):]],
     python_requires=">=" + min_python,
     packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),
-    include_package_data=True,
+    package_data={cfg["lib_name"]: ["assets/*"]},  # the digits data and its licence
     install_requires=cfg.get("requirements", "").split(),
-    extras_require={"dev": cfg.get("dev_requirements", "").split()},
+    extras_require=extras,
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),
         "nbdev": [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"],

@@ -1,6 +1,9 @@
 "Data (chapter 6): datasets, statistics, the augmentation recipe, Mixup/CutMix, the loaders and the fast path."
+import os
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -13,9 +16,9 @@ from torchvision.transforms import v2
 from vitsd_nbdev.data import (DATASETS, ERASE_RATIO, ERASE_SCALE, STATS, AugmentConfig, DatasetInfo, DeviceLoader,
                               FileImages, channel_stats, default_augment, eval_transform, get_dataset,
                               get_device_loaders, get_loaders, mix_batch, random_crop_batch, random_erasing_batch,
-                              random_flip_batch, resize_square, to_tensors, train_transform)
+                              random_flip_batch, read_image, resize_square, to_tensors, train_transform)
 
-CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+CIFAR = os.environ.get("VITSD_CIFAR10")   # a CIFAR-10 copy as an image folder with train/ and test/, if any
 DIGITS_MEAN, DIGITS_STD = STATS["digits"]
 
 
@@ -41,6 +44,58 @@ def test_digits_split_values_and_size():
     assert len(flat(tr) & flat(te)) < 5                                       # (a few digits are pixel-identical)
     up = get_dataset("digits", image_size=16)
     assert up.images.shape == (1437, 1, 16, 16) and up.info.image_size == 16
+
+
+def test_digits_file_is_scikit_learns_digits():
+    from vitsd_nbdev.data import digits_arrays
+    images, labels = digits_arrays()
+    assert images.dtype == labels.dtype == np.uint8 and images.shape == (1797, 8, 8)
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    assert np.array_equal(images, d.images) and np.array_equal(labels, d.target)
+
+
+def test_stratified_split_rule():
+    from vitsd_nbdev.data import stratified_split
+    rs = np.random.RandomState(0)
+    for seed in range(30):
+        labels = rs.choice(["a", "b", "c", "d"], size=rs.randint(20, 200), p=[0.1, 0.2, 0.3, 0.4])
+        labels[:8] = list("aabbccdd")                                        # every class has 2
+        f = rs.choice([0.1, 0.2, 0.25, 0.5])
+        keep, held = stratified_split(labels, f, seed)
+        assert np.array_equal(np.sort(np.concatenate([keep, held])), np.arange(len(labels)))
+        assert len(held) == int(np.ceil(f * len(labels)))
+        for c in "abcd":                                                     # each class within 1 of its share
+            assert abs((labels[held] == c).sum() - f * (labels == c).sum()) < 1 + 1e-9
+        assert all(np.array_equal(a, b) for a, b in zip(stratified_split(labels, f, seed), (keep, held)))
+        assert all(np.all(np.diff(p) > 0) for p in (keep, held))            # sorted
+    with pytest.raises(ValueError, match="class 'z' has 1 item") as e:
+        stratified_split(["y", "y", "z"], 0.5)
+    assert one_line(e)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        stratified_split([0, 0, 1, 1], 0.0)
+    with pytest.raises(ValueError, match="at least the number of classes, 3"):
+        stratified_split([0, 0, 1, 1, 2, 2], 0.2)
+
+
+def test_stratified_split_equals_scikit_learns():
+    from vitsd_nbdev.data import digits_arrays, stratified_split
+    ms = pytest.importorskip("sklearn.model_selection")
+    rs = np.random.RandomState(1)
+    cases = [(digits_arrays()[1], 0.2, 0)]                                  # the digits split itself
+    while len(cases) < 151:                                               # the digits and 150 random sets
+        k = rs.randint(2, 12)
+        y = rs.randint(0, k, rs.randint(3 * k, 300))
+        if np.bincount(y, minlength=k).min() >= 2: cases.append((y, rs.choice([0.1, 0.15, 0.2, 0.3, 0.5]), len(cases)))
+    for y, f, seed in cases:
+        try:
+            theirs = ms.train_test_split(np.arange(len(y)), test_size=f, stratify=y, random_state=seed)
+        except ValueError:
+            with pytest.raises(ValueError):
+                stratified_split(y, f, seed)
+            continue
+        ours = stratified_split(y, f, seed)
+        assert all(np.array_equal(a, np.sort(b)) for a, b in zip(ours, theirs)), (f, seed)
 
 
 def test_digits_stats_table_is_recomputed():
@@ -174,6 +229,9 @@ def test_file_of_another_size_is_refused(tmp_path):
     assert ds[0][0].shape == (1, 20, 20)
     with pytest.raises(ValueError, match="pass image_size="):
         ds[1]
+    with pytest.raises(ValueError, match="pass image_size=") as e:                   # from a loader worker
+        to_tensors(ds, cache=False, num_workers=1)
+    assert one_line(e) and "001.png" in str(e.value)
 
 
 def test_resize_square_shorter_side_then_centre_crop():
@@ -184,7 +242,7 @@ def test_resize_square_shorter_side_then_centre_crop():
     assert resize_square(y, 10) is y
 
 
-@pytest.mark.skipif(not CIFAR.exists(), reason="no CIFAR-10 copy at ../shared/data/cifar10")
+@pytest.mark.skipif(not CIFAR or not Path(CIFAR).is_dir(), reason="VITSD_CIFAR10 names no CIFAR-10 folder")
 def test_cifar10_copy_as_imagefolder():
     name = f"imagefolder:{CIFAR}"
     tr, te = get_dataset(name), get_dataset(name, split="test")
@@ -443,3 +501,102 @@ def test_get_device_loaders(tmp_path):
     assert info.mean is not None and len(info.mean) == 3 and info.num_classes == 3
     xb, yb = next(iter(tr))
     assert xb.shape == (4, 3, 12, 12) and yb.shape == (4, 3)                 # the folder recipe mixes: soft targets
+
+
+# --- bad input: files, folders, names, sizes (each one line, as early as possible) ------------------------------------
+
+def write_bad_files(folder):
+    "A truncated JPEG and a text file named .png in folder/."
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(folder / "full.jpg", quality=95)
+    data = (folder / "full.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[:len(data) // 2])
+    (folder / "notes.png").write_text("not an image\n")
+    return folder / "cut.jpg", folder / "notes.png"
+
+
+def test_bad_image_files_are_named_in_one_line(tmp_path):
+    cut, text = write_bad_files(tmp_path / "bad")
+    for f in (cut, text):
+        with pytest.raises(ValueError, match="cannot decode") as e:
+            FileImages("x", "train", ["a"], [f], [0], 3, 20)[0]
+        assert one_line(e) and str(f) in str(e.value)
+    for workers in (0, 1):                                                   # in a loader worker too
+        ds = FileImages("x", "train", ["a"], [tmp_path / "bad" / "full.jpg", cut], [0, 0], 3, 20)
+        with pytest.raises(ValueError, match="cannot decode") as e:
+            to_tensors(ds, cache=False, num_workers=workers)
+        assert one_line(e) and str(cut) in str(e.value)
+    make_folder(tmp_path / "ds")
+    first = get_dataset(f"imagefolder:{tmp_path / 'ds'}").files[0]
+    Path(first).write_text("not an image\n")                               # found while probing the folder
+    with pytest.raises(ValueError, match="cannot decode") as e:
+        get_dataset(f"imagefolder:{tmp_path / 'ds'}")
+    assert one_line(e) and first in str(e.value)
+
+
+def test_bad_image_file_through_the_cli(tmp_path, capsys):
+    from vitsd_nbdev.cli import train_main
+    make_folder(tmp_path / "ds", classes=("a", "b"), n=10)
+    cut, _ = write_bad_files(tmp_path / "bad")
+    os.replace(cut, tmp_path / "ds" / "b" / "009.jpg")
+    with pytest.raises(SystemExit) as e:
+        train_main(["--dataset", f"imagefolder:{tmp_path / 'ds'}", "--out-dir", str(tmp_path / "run"),
+                    "--epochs", "1", "--warmup-epochs", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "009.jpg" in err and "Traceback" not in err
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    levels = np.arange(256, dtype=np.uint16)
+    a = (levels * 257).reshape(16, 16)                                       # 0..65535: level k is 257 k
+    a[0, 1], a[0, 2] = 128, 129                                              # round(128/257) = 0, round(129/257) = 1
+    for c in ("a", "b"):
+        (tmp_path / "ds" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(a).save(tmp_path / "ds" / c / f"{i}.png")
+    f = tmp_path / "ds" / "a" / "0.png"
+    with Image.open(f) as im:
+        assert im.mode.startswith("I")                                       # Pillow reads it as 16-bit
+    expected = torch.from_numpy(levels.astype(np.uint8).reshape(16, 16))
+    expected[0, 1], expected[0, 2] = 0, 1
+    assert torch.equal(read_image(f, 1)[0], expected)
+    assert torch.equal(read_image(f, 3), expected.expand(3, 16, 16))
+    ds = get_dataset(f"imagefolder:{tmp_path / 'ds'}")
+    assert ds.in_chans == 1 and torch.equal(ds[0][0][0], expected)
+
+
+def test_one_class_folder_is_refused(tmp_path):
+    make_folder(tmp_path / "flat", classes=("cat",), n=10)
+    make_folder(tmp_path / "split" / "train", classes=("cat",), n=8)
+    make_folder(tmp_path / "split" / "test", classes=("cat",), n=2)
+    for name in ("flat", "split"):
+        with pytest.raises(ValueError, match="one class folder, 'cat'") as e:
+            get_dataset(f"imagefolder:{tmp_path / name}")
+        assert one_line(e)
+
+
+@pytest.mark.parametrize("name", ["imagefolder:", "imagefolder:  "])
+def test_empty_imagefolder_path_is_refused(tmp_path, monkeypatch, capsys, name):
+    from vitsd_nbdev.cli import train_main
+    make_folder(tmp_path / "cwd" / "runs", classes=("a", "b"), n=5)          # a folder that would pass as classes
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(ValueError, match="names no folder") as e:
+        get_dataset(name)
+    assert one_line(e)
+    with pytest.raises(SystemExit) as e:
+        train_main(["--dataset", name, "--out-dir", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "imagefolder:<path>" in err
+
+
+def test_split_smaller_than_a_batch_still_has_one_batch(tmp_path):
+    x, y = torch.zeros(10, 1, 4, 4, dtype=torch.uint8), torch.arange(10)
+    L = DeviceLoader(x, y, 64, (0.,), (1.,), shuffle=True, drop_last=True)
+    assert len(L) == 1 and [len(b[1]) for b in L] == [10]
+    L = DeviceLoader(torch.zeros(130, 1, 4, 4, dtype=torch.uint8), torch.arange(130), 64, (0.,), (1.,), drop_last=True)
+    assert [len(b[1]) for b in L] == [64, 64]                                # the rest is still dropped
+    tr, _, _ = get_device_loaders("digits", batch_size=2000)
+    assert len(tr) == 1 and len(next(iter(tr))[1]) == 1437
+    make_folder(tmp_path / "ds", n=5, size=12)
+    tr, _, _ = get_loaders(f"imagefolder:{tmp_path / 'ds'}", batch_size=128, num_workers=0)
+    assert len(tr) == 1 and len(next(iter(tr))[1]) == 12

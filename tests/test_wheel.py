@@ -8,8 +8,10 @@ file; nothing else of this environment (nbdev, pytest, jupyterlab, Sphinx, ...) 
 requirement fails instead of downloading.
 """
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from configparser import ConfigParser
 from email.parser import Parser
 from importlib.metadata import distribution
@@ -20,10 +22,18 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+try:
+    import tomllib
+except ModuleNotFoundError:                     # Python 3.10
+    tomllib = None
+
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ConfigParser(delimiters=["="]); CFG.read(ROOT / "settings.ini")
 CFG = CFG["DEFAULT"]
-DEV_ONLY = ["nbdev", "execnb", "ghapi", "jupyterlab", "ipykernel", "pytest", "sphinx", "myst_nb", "furo", "build"]
+DEV_ONLY = ["nbdev", "execnb", "ghapi", "jupyterlab", "ipykernel", "pytest", "sphinx", "myst_nb", "furo", "build",
+            "sklearn", "scipy", "timm"]
+HEAVY = {"scikit-learn", "scipy"}                # must never be pulled in by `pip install vitsd-nbdev`
+ASSETS = ["vitsd_nbdev/assets/digits.npz", "vitsd_nbdev/assets/DIGITS_LICENSE.md"]
 
 
 def runtime_closure(requirements):
@@ -60,9 +70,16 @@ def run(*args, **kw):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    "Build the sdist and the wheel with the standard front end (python -m build)."
-    out = tmp_path_factory.mktemp("dist")
-    run(sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", out, ROOT)
+    "Build the sdist, then the wheel from it, with the standard front end (python -m build), as from a fresh clone."
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
+    # a copy of the files git tracks (or would track): no build/ or *.egg-info/ left in the checkout by an
+    # editable install can add files to the sdist or the wheel
+    for f in run("git", "-C", ROOT, "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0"):
+        if f and (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, src / f)
+    # no --sdist --wheel: the wheel is built from the unpacked sdist, so a file missing from it shows
+    run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, src)
     return next(out.glob("*.whl")), next(out.glob("*.tar.gz"))
 
 
@@ -80,11 +97,25 @@ def clean_env(built, tmp_path_factory):
     return py, env
 
 
+def test_built_with_the_declared_backend():
+    "The wheel below is built without isolation, so this environment must satisfy pyproject's build requirements."
+    if tomllib is None: pytest.skip("tomllib needs Python 3.11")
+    system = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+    assert system["build-backend"] == "setuptools.build_meta"
+    for r in map(Requirement, system["requires"]):
+        assert r.specifier.contains(distribution(r.name).version), f"{r.name} {distribution(r.name).version} is not {r}"
+    setuptools = next(Requirement(r) for r in system["requires"] if r.startswith("setuptools"))
+    assert not setuptools.specifier.contains("76.1")          # license_expression needs setuptools 77
+
+
 def test_wheel_metadata(built):
     wheel, sdist = built
     with ZipFile(wheel) as z:
         meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
         assert any(n.endswith("licenses/LICENSE") for n in z.namelist())
+        assert set(ASSETS) <= set(z.namelist()), "the digits data is missing from the wheel"
+    with tarfile.open(sdist) as t:
+        assert {f"vitsd_nbdev-{CFG['version']}/{a}" for a in ASSETS} <= set(t.getnames())
     assert meta["Name"] == "vitsd-nbdev" and meta["Version"] == CFG["version"]
     assert meta["License-Expression"] == "Apache-2.0"
     assert meta["Requires-Python"] == ">=" + CFG["min_python"]
@@ -93,8 +124,24 @@ def test_wheel_metadata(built):
     assert any(c.startswith("Programming Language :: Python :: 3.1") for c in meta.get_all("Classifier"))
     requires = [Requirement(r) for r in meta.get_all("Requires-Dist")]
     runtime = {canonicalize_name(r.name) for r in requires if r.marker is None}
-    assert "torch" in runtime and not runtime & {canonicalize_name(n) for n in DEV_ONLY}
+    assert "torch" in runtime and "pillow" in runtime and "safetensors" in runtime
+    assert not runtime & ({canonicalize_name(n) for n in DEV_ONLY} | HEAVY)
+    assert set(meta.get_all("Provides-Extra")) == {"timm", "export", "dev"}
+    by_extra = {e: {canonicalize_name(r.name) for r in requires if r.marker and r.marker.evaluate({"extra": e})}
+                for e in ("timm", "export", "dev")}
+    assert by_extra["timm"] == {"timm"} and by_extra["export"] == {"onnx", "onnxruntime"}
+    assert by_extra["timm"] | by_extra["export"] <= by_extra["dev"]               # dev installs the optional parts
     assert sdist.name == f"vitsd_nbdev-{CFG['version']}.tar.gz"
+
+
+def test_runtime_closure_is_lean(capsys):
+    closure = runtime_closure(CFG["requirements"].split())
+    assert not set(closure) & HEAVY, f"{set(closure) & HEAVY} in the runtime dependencies"
+    size = {n: sum(f.size or 0 for f in d.files or []) for n, d in closure.items()}
+    with capsys.disabled():
+        top = ", ".join(f"{n} {s / 2**20:,.0f}" for n, s in sorted(size.items(), key=lambda kv: -kv[1])[:6])
+        print(f"\nruntime closure: {len(closure)} distributions, {sum(size.values()) / 2**20:,.0f} MiB installed "
+              f"(largest, MiB: {top})")
 
 
 def test_installed_wheel_works_without_dev_tools(clean_env, tmp_path):
@@ -104,6 +151,8 @@ import importlib, pkgutil, torch, vitsd_nbdev
 assert vitsd_nbdev.__version__ == {CFG['version']!r}, vitsd_nbdev.__version__
 assert 'site-packages' in vitsd_nbdev.__file__, vitsd_nbdev.__file__   # the wheel, not the source tree
 for m in pkgutil.walk_packages(vitsd_nbdev.__path__, 'vitsd_nbdev.'): importlib.import_module(m.name)
+from vitsd_nbdev.data import get_dataset
+assert len(get_dataset('digits')) == 1437 and 'site-packages' in get_dataset.__code__.co_filename   # packaged data
 from vitsd_nbdev.vit import create_model
 print(tuple(create_model('sl_vit', num_classes=3, image_size=16, preset='tiny')(torch.zeros(2, 3, 16, 16)).shape))
 for dev in {DEV_ONLY!r}:

@@ -245,7 +245,7 @@ def ablation_markdown(
         row = f"| {NAMES.get(m, m)} | {s['n']} | {_pm(s['final'], s['final_std'])} | {_pm(s['best'], s['best_std'])} |"
         if runs:
             p = paired_difference(runs, m, base)
-            row += " – |" if m == base or p["n"] == 0 else f" {_pm(p['diff'], p['se'])} ({p['verdict']}) |"
+            row += " – |" if m == base or p["n"] == 0 else f" {_pm(p['diff'], p['se'])}: {p['verdict'].split(' (')[0]} |"
         rows.append(row + f" {t} |")
     return "\n".join(rows)
 

@@ -10,6 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -18,18 +19,17 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
 # %% auto #0
 __all__ = ['TINY_IMAGENET_URL', 'DATASETS', 'STATS', 'AUTOAUGMENT_POLICIES', 'ERASE_SCALE', 'ERASE_RATIO', 'DatasetInfo',
-           'ImageDataset', 'resize_square', 'TensorImages', 'read_image', 'FileImages', 'get_dataset', 'channel_stats',
-           'AugmentConfig', 'default_augment', 'train_transform', 'eval_transform', 'mix_batch', 'MixCollate',
-           'get_loaders', 'default_cache_dir', 'to_tensors', 'random_crop_batch', 'random_flip_batch',
-           'random_erasing_batch', 'DeviceLoader', 'get_device_loaders']
+           'ImageDataset', 'resize_square', 'TensorImages', 'digits_arrays', 'stratified_split', 'ImageFileError',
+           'read_image', 'FileImages', 'get_dataset', 'channel_stats', 'AugmentConfig', 'default_augment',
+           'train_transform', 'eval_transform', 'mix_batch', 'MixCollate', 'get_loaders', 'default_cache_dir',
+           'to_tensors', 'random_crop_batch', 'random_flip_batch', 'random_erasing_batch', 'DeviceLoader',
+           'get_device_loaders']
 
 # %% ../nbs/06_data.ipynb #02050cc2
 @dataclass(frozen=True)
@@ -102,23 +102,100 @@ class TensorImages(ImageDataset):
 
     def load(self, i): return self.images[i]
 
+# %% ../nbs/06_data.ipynb #063ac103
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:  # uint8 images [1797, 8, 8], labels [1797]
+    "The digits that ship with this package, as stored: ink counts 0..16 and each image's digit."
+    path = resources.files("vitsd_nbdev") / "assets" / "digits.npz"
+    with path.open("rb") as f, np.load(f) as d:
+        return d["images"], d["labels"]
+
+# %% ../nbs/06_data.ipynb #07c9da52
+def _largest_remainder(
+    counts: np.ndarray,          # items per class
+    total: int,                  # how many items to share out
+    rng: np.random.RandomState,  # breaks ties between equal remainders
+) -> np.ndarray:                 # items per class, summing to `total`
+    "Share `total` in proportion to `counts`: shares rounded down, the rest by largest remainder."
+    share = counts / counts.sum() * total
+    n = np.floor(share)
+    missing = int(total - n.sum())
+    rest = share - n
+    for value in np.sort(np.unique(rest))[::-1]:
+        if missing == 0: break
+        tied = np.flatnonzero(rest == value)
+        chosen = rng.choice(tied, size=min(len(tied), missing), replace=False)
+        n[chosen] += 1
+        missing -= len(chosen)
+    return n.astype(int)
+
+
+def stratified_split(
+    labels,          # one class label per item (ints or strings)
+    fraction: float, # the share of every class that goes to the held-out part, 0 < fraction < 1
+    seed: int = 0,   # the same labels, fraction and seed always give the same split
+) -> tuple[np.ndarray, np.ndarray]:  # sorted indices of the kept part and of the held-out part
+    "Split item indices in two with the same class proportions: scikit-learn's rule, in numpy."
+    classes, y, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be between 0 and 1, got {fraction}")
+    n_held = math.ceil(fraction * len(y))
+    n_keep = len(y) - n_held
+    if counts.min() < 2:
+        lone = classes[counts.argmin()].item()
+        raise ValueError(f"class {lone!r} has 1 item: every class needs 2 to be split")
+    if min(n_keep, n_held) < len(classes):
+        raise ValueError(f"a {fraction} split of {len(y)} items keeps {n_keep}, holds {n_held}: "
+                         f"both must be at least the number of classes, {len(classes)}")
+    rng = np.random.RandomState(seed)
+    keep = _largest_remainder(counts, n_keep, rng)
+    held = _largest_remainder(counts - keep, n_held, rng)   # all that is left; keeps the stream
+    kept, out = [], []
+    for k in range(len(classes)):
+        items = np.flatnonzero(y == k)[rng.permutation(counts[k])]
+        kept.append(items[:keep[k]])
+        out.append(items[keep[k]:keep[k] + held[k]])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(out))
+
 # %% ../nbs/06_data.ipynb #2beb044a
 def _digits(split: str, image_size: int | None) -> TensorImages:
-    d = load_digits()
-    images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]   # [1797, 1, 8, 8]
-    train, test = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target, random_state=0)
-    idx = torch.from_numpy(np.sort(train if split == "train" else test))
+    counts, labels = digits_arrays()
+    images = torch.from_numpy(np.round(counts * (255 / 16)).astype(np.uint8))[:, None]  # N, 1, 8, 8
+    train, test = stratified_split(labels, 0.2, seed=0)
+    idx = torch.from_numpy(train if split == "train" else test)
     images = images[idx] if image_size is None else resize_square(images[idx], image_size)
-    return TensorImages("digits", split, [str(k) for k in range(10)], images, torch.from_numpy(d.target)[idx])
+    classes = [str(k) for k in range(10)]
+    return TensorImages("digits", split, classes, images, torch.from_numpy(labels)[idx])
 
 # %% ../nbs/06_data.ipynb #a41c4922
+class ImageFileError(ValueError):
+    "An image file that cannot be used (unreadable, or of the wrong size); one line that names it."
+    def __init__(self, msg: str):
+        # raised in a DataLoader worker, it arrives as "Caught ImageFileError ... Traceback ...
+        # <module>.ImageFileError: <msg>": keep only <msg>
+        super().__init__(msg.strip().splitlines()[-1].split("ImageFileError: ", 1)[-1])
+
+
+def _bad_file(path, e: Exception) -> ImageFileError:
+    reason = str(e).split("\n")[0] or type(e).__name__
+    return ImageFileError(f"cannot decode the image file {path} ({reason}): replace or remove it")
+
+
+_16BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}   # how Pillow opens 16-bit grayscale files
+
 def read_image(
     path,           # an image file Pillow can read
     in_chans: int,  # 1: convert to grayscale; 3: convert to RGB
 ) -> torch.Tensor:  # uint8 [in_chans, H, W]
-    "Decode an image file into a uint8 tensor, converted to grayscale or RGB."
-    with Image.open(path) as im:
-        a = np.array(im.convert("L" if in_chans == 1 else "RGB"))
+    "Decode an image file into a uint8 tensor, converted to grayscale or RGB (16-bit gray scaled)."
+    try:
+        with Image.open(path) as im:
+            if im.mode in _16BIT_MODES:    # v -> round(v / 257): 0..65535 onto 0..255, not clipped
+                a = ((np.asarray(im).astype(np.int64).clip(0, 65535) + 128) // 257).astype(np.uint8)
+                a = a if in_chans == 1 else np.repeat(a[..., None], 3, axis=2)
+            else:
+                a = np.array(im.convert("L" if in_chans == 1 else "RGB"))
+    except (OSError, SyntaxError, ValueError) as e:   # not an image, truncated, corrupt
+        raise _bad_file(path, e) from None
     x = torch.from_numpy(a)
     return x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
 
@@ -142,7 +219,7 @@ class FileImages(ImageDataset):
         if self.resize: return resize_square(x, self.image_size)
         S = self.image_size
         if S is not None and tuple(x.shape[-2:]) != (S, S):
-            raise ValueError(f"{self.files[i]} is {x.shape[-1]}×{x.shape[-2]} but this dataset's images are {S}×{S}: pass image_size= to get_dataset to resize them all")
+            raise ImageFileError(f"{self.files[i]} is {x.shape[-1]}×{x.shape[-2]} but this dataset's images are {S}×{S}: pass image_size= to get_dataset to resize them all")
         return x
 
     @property
@@ -155,13 +232,18 @@ class FileImages(ImageDataset):
         return h.hexdigest()[:16]
 
 # %% ../nbs/06_data.ipynb #1ece570b
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+_GRAY_MODES = {"1", "L", "LA", "F"} | _16BIT_MODES
 
 def _probe(files: Sequence[str], k: int = 32) -> tuple[int, int | None]:
     "Channels (1 if all grayscale, else 3) and common square side (None if they differ) of up to k evenly spaced files."
     modes, sizes = set(), set()
     for f in files[::max(1, len(files) // k)][:k]:
-        with Image.open(f) as im: modes.add(im.mode); sizes.add(im.size)
+        try:
+            with Image.open(f) as im:
+                modes.add(im.mode)
+                sizes.add(im.size)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise _bad_file(f, e) from None
     (w, h) = next(iter(sizes)) if len(sizes) == 1 else (None, None)
     return (1 if modes <= _GRAY_MODES else 3), (w if w == h else None)
 
@@ -170,25 +252,28 @@ def _image_folder(name: str, path: str, split: str, image_size: int | None) -> F
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no folder {root} (from {name!r}): expected {root}/<class>/*.png|jpg or {root}/<split>/<class>/*.png|jpg")
-    if (root / "train").is_dir():                       # split folders: <root>/<split>/<class>/...
+    has_splits = (root / "train").is_dir()
+    classes, class_to_idx = find_classes(root / "train" if has_splits else root)
+    if len(classes) < 2:
+        raise ValueError(f"{root / 'train' if has_splits else root} has one class folder, "
+                         f"{classes[0]!r}: a classifier needs two or more, one folder per class")
+    if has_splits:                                      # split folders: <root>/<split>/<class>/...
         splits = sorted(d.name for d in root.iterdir() if d.is_dir())
         if split not in splits: raise ValueError(f"{root} has the split folders {splits}, not {split!r}")
-        classes, class_to_idx = find_classes(root / "train")
         extra = sorted(set(find_classes(root / split)[0]) - set(classes))
         if extra: raise ValueError(f"{root / split} has class folders that {root / 'train'} lacks: {extra[:5]}")
         train = make_dataset(root / "train", class_to_idx, IMG_EXTENSIONS, allow_empty=True)
         samples = train if split == "train" else make_dataset(root / split, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
     else:                                               # class folders only: a fixed stratified 80/20 split
         if split not in ("train", "test"): raise ValueError(f"{root} has no split folders, so its splits are 'train' and 'test' (80/20), not {split!r}")
-        classes, class_to_idx = find_classes(root)
         every = make_dataset(root, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
         if len(every) == 0: raise FileNotFoundError(f"no image files in {root}/<class>/")
         try:
-            tr, te = train_test_split(np.arange(len(every)), test_size=0.2, stratify=[y for _, y in every], random_state=0)
+            tr, te = stratified_split([classes[y] for _, y in every], 0.2, seed=0)
         except ValueError as e:
             raise ValueError(f"cannot split {root} 80/20 by class ({e}); put the images in {root}/train/<class>/ and {root}/test/<class>/ instead") from None
-        train = [every[i] for i in np.sort(tr)]
-        samples = train if split == "train" else [every[i] for i in np.sort(te)]
+        train = [every[i] for i in tr]
+        samples = train if split == "train" else [every[i] for i in te]
     if len(samples) == 0: raise FileNotFoundError(f"no image files in {root}/{split}/<class>/")
     if len(train) == 0: raise FileNotFoundError(f"no image files in {root}/train/<class>/")
     in_chans, size = _probe([f for f, _ in train])
@@ -262,7 +347,12 @@ def get_dataset(
 ) -> ImageDataset:                 # (uint8 image [C, H, W], int label) pairs with `.classes` and `.info`
     "Load a dataset by name as (uint8 image, int label) pairs."
     if image_size is not None and image_size < 1: raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
-    if name.startswith("imagefolder:"): return _image_folder(name, name[len("imagefolder:"):], split, image_size)
+    if name.startswith("imagefolder:"):
+        path = name[len("imagefolder:"):]
+        if not path.strip():
+            raise ValueError(f"{name!r} names no folder: write imagefolder:<path> "
+                             "(is a shell variable in it unset?)")
+        return _image_folder(name, path, split, image_size)
     if name not in DATASETS[:-1]: raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     splits = ("train", "test", "val") if name == "tiny_imagenet" else ("train", "test")
     if split not in splits: raise ValueError(f"{name} has the splits {', '.join(splits)}, not {split!r}")
@@ -429,7 +519,8 @@ def get_loaders(
     train_ds.transform = train_transform(info.image_size, info.mean, info.std, cfg)
     test_ds.transform = eval_transform(info.mean, info.std)
     kw = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
-    train = DataLoader(train_ds, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed),
+    train = DataLoader(train_ds, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                       drop_last=len(train_ds) > batch_size,           # never drop the only batch
                        collate_fn=MixCollate(info.num_classes, cfg) if cfg.mixes else None, **kw)
     return train, DataLoader(test_ds, shuffle=False, **kw), info
 
@@ -517,6 +608,9 @@ def random_erasing_batch(
     return x.masked_fill(mask, 0.0)
 
 # %% ../nbs/06_data.ipynb #67c8a508
+from .autoaugment import BatchAutoAugment
+
+
 class DeviceLoader:
     "Batches made on the device from in-memory uint8 images: vectorised augmentation, seeded per epoch, shardable."
     def __init__(self,
@@ -528,7 +622,7 @@ class DeviceLoader:
                  augment: AugmentConfig | None = None,  # training augmentation; None: none (evaluation)
                  num_classes: int | None = None,  # K, needed for the soft targets when `augment` mixes
                  shuffle: bool = False,           # a new random order every epoch
-                 drop_last: bool = False,         # drop the last incomplete batch (and cut, not pad, for sharding)
+                 drop_last: bool = False,  # drop a last, incomplete batch (never the only one)
                  seed: int = 0,                   # with the epoch, determines order and augmentation
                  rank: int = 0,                   # this process's index among `world_size` (distributed training)
                  world_size: int = 1,             # number of processes sharing each epoch
@@ -544,7 +638,7 @@ class DeviceLoader:
         self.shuffle, self.drop_last, self.seed, self.rank, self.world_size = shuffle, drop_last, seed, rank, world_size
         self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-        self.autoaugment = v2.AutoAugment(AUTOAUGMENT_POLICIES[augment.autoaugment]) if augment and augment.autoaugment else None
+        self.autoaugment = BatchAutoAugment(augment.autoaugment) if augment and augment.autoaugment else None   # chapter 6a
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
@@ -563,13 +657,14 @@ class DeviceLoader:
 
     def __len__(self):
         n = len(self.indices()) if self.world_size > 1 else len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.drop_last and n >= self.batch_size: return n // self.batch_size
+        return math.ceil(n / self.batch_size)                 # an epoch has at least one batch
 
     def _batch(self, idx: torch.Tensor):
         x, y, a = self.images[idx], self.labels[idx], self.augment
         if a is not None and a.crop_padding: x = random_crop_batch(x, a.crop_padding)
         if a is not None and a.flip: x = random_flip_batch(x)
-        if self.autoaugment is not None: x = torch.stack([self.autoaugment(img) for img in x])
+        if self.autoaugment is not None: x = self.autoaugment(x)
         x = (x.float() / 255 - self.mean) / self.std
         if a is not None and a.random_erasing: x = random_erasing_batch(x, a.random_erasing)
         if a is not None and a.mixes: x, y = mix_batch(x, y, self.num_classes, a)

@@ -32,8 +32,8 @@ from .data import DeviceLoader, get_dataset, get_device_loaders
 from .vit import ADD_ON_MODELS, PRESETS, VARIANTS, count_params, create_model
 
 # %% auto #0
-__all__ = ['RECIPES', 'lr_at', 'param_groups', 'amp_dtype', 'model_presets', 'TrainConfig', 'write_atomic', 'save_checkpoint',
-           'load_checkpoint', 'save_weights', 'evaluate', 'stratified_split', 'train']
+__all__ = ['RECIPES', 'lr_at', 'param_groups', 'cpu_has_bf16', 'amp_dtype', 'model_presets', 'TrainConfig', 'write_atomic',
+           'save_checkpoint', 'load_checkpoint', 'save_weights', 'evaluate', 'stratified_split', 'train']
 
 # %% ../nbs/07_training.ipynb #02f3d995
 def lr_at(
@@ -66,14 +66,24 @@ def param_groups(
 _NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "bias_table")   # for modules without no_weight_decay()
 
 # %% ../nbs/07_training.ipynb #baa36d29
+def cpu_has_bf16() -> bool:
+    "Whether this CPU does bfloat16 arithmetic in hardware (x86: AVX512-BF16 or AMX-BF16; Arm: BF16)."
+    try: flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError: return False                       # no /proc/cpuinfo (not Linux): not detected
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def amp_dtype(
     device: torch.device,
     amp: str = "auto",    # "auto": bf16 on GPUs that support it, fp16 on other GPUs, none on CPU; or "bf16", "fp16", "off"
 ) -> torch.dtype | None:  # the autocast dtype, or None for float32
-    "The autocast dtype for a device and an `amp` setting."
+    "The autocast dtype for a device and an `amp` setting; bf16 on a CPU only where the CPU has it."
     if amp not in ("auto", "bf16", "fp16", "off"): raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
     if amp == "off" or (amp == "auto" and device.type != "cuda"): return None
     if amp == "auto": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        raise ValueError("amp='bf16' on the CPU needs bfloat16 in hardware (AVX512-BF16, AMX or Arm BF16), "
+                         "which this CPU lacks: train in float32 with amp='off' (--amp off)")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 # %% ../nbs/07_training.ipynb #870d7ec6
