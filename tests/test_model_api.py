@@ -39,3 +39,14 @@ def test_no_weight_decay_gives_the_groups_of_the_name_rule(name, size, form):
     assert nwd == old
     names = {id(p): n for n, p in m.named_parameters()}
     assert {names[id(p)] for p in param_groups(m, 0.05)[1]["params"]} == nwd
+
+
+def test_timm_create_model_builds_ours():
+    timm = pytest.importorskip("timm")
+    from vitsd_nbdev.timm_sl import register_timm_models
+    names = register_timm_models()
+    assert len(names) == len(set(names)) and set(names) <= set(timm.list_models("vitsd_*"))
+    m = timm.create_model("vitsd_sl_vit", num_classes=4, img_size=16, in_chans=1, preset="tiny")
+    assert type(m).__name__ == "ViT" and m.config.spt and m(torch.zeros(2, 1, 16, 16)).shape == (2, 4)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("vitsd_vit", pretrained=True)

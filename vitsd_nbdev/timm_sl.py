@@ -4,13 +4,16 @@
 
 # %% ../nbs/09b_timm.ipynb #fc7b277e
 from __future__ import annotations
+import sys
+
 import torch
 from torch import nn
 from .lsa import LearnedTemperature, attention_weights, locality_attention
 from .spt import ShiftedPatchTokenization
+from .vit import ADD_ON_MODELS, VARIANTS, create_model
 
 # %% auto #0
-__all__ = ['SPTPatchEmbed', 'LSAttention', 'to_sl_vit']
+__all__ = ['SPTPatchEmbed', 'LSAttention', 'to_sl_vit', 'register_timm_models']
 
 # %% ../nbs/09b_timm.ipynb #96a32950
 def _is_timm(obj, name: str, modules: tuple[str, ...]) -> bool:
@@ -123,3 +126,28 @@ def to_sl_vit(
     if new_embed is not None: model.patch_embed = new_embed       # every check passed: change the model
     for block, attn in zip(model.blocks, new_attn): block.attn = attn
     return model
+
+# %% ../nbs/09b_timm.ipynb #803e4613
+_TIMM_LOADING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")   # timm's, for weights
+
+def _timm_entrypoint(name: str):
+    "A timm model entrypoint that builds `create_model(name, ...)`."
+    def build(pretrained=False, num_classes=10, img_size=32, in_chans=3, preset=None, **overrides):
+        if pretrained:
+            raise ValueError(f"there are no pretrained weights for {name}; use pretrained=False")
+        ours = {k: v for k, v in overrides.items() if k not in _TIMM_LOADING}
+        return create_model(name, num_classes, img_size, preset=preset, in_chans=in_chans, **ours)
+    build.__name__ = build.__qualname__ = f"vitsd_{name}"
+    return build
+
+
+def register_timm_models() -> list[str]:  # the registered names: "vitsd_" + a `create_model` name
+    "Register every model of this package with timm, so that `timm.create_model` builds it."
+    from timm.models import register_model     # timm is optional: imported only here
+    names = []
+    for name in [*VARIANTS, *ADD_ON_MODELS]:
+        fn = _timm_entrypoint(name)
+        setattr(sys.modules[__name__], fn.__name__, fn)   # timm lists it in this module's __all__
+        register_model(fn)
+        names.append(fn.__name__)
+    return names

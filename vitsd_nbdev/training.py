@@ -53,17 +53,18 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,  # decay of the weight matrices
 ) -> list[dict]:          # two AdamW parameter groups: with and without weight decay
-    "Decay weight matrices and LSA's s = 1/τ (official); not what `no_weight_decay()` names, nor 1-D ones."
-    if hasattr(model, "no_weight_decay"): named = set(model.no_weight_decay())   # ours (ch. 5), timm's
+    "Decay weight matrices and LSA's s = 1/τ (official); not `no_weight_decay()`'s, nor other 1-D."
+    if hasattr(model, "no_weight_decay"): named = set(model.no_weight_decay())   # ours, timm's
     else: named = {n for n, _ in model.named_parameters() if n.endswith(_NO_DECAY_SUFFIXES)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
         one_d = p.ndim < 2 and not name.endswith("temperature.scale")   # the official code decays s
         (no_decay if name in named or one_d else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
-_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "bias_table")   # for modules without no_weight_decay()
+_NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "bias_table")   # modules without no_weight_decay()
 
 # %% ../nbs/07_training.ipynb #baa36d29
 def cpu_has_bf16() -> bool:
@@ -130,7 +131,7 @@ class TrainConfig:
             if v < 1: raise ValueError(f"{k} must be at least 1, got {v}")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
-                             f"got {self.warmup_epochs}; give a smaller warmup_epochs or leave it unset")
+                             f"got {self.warmup_epochs}; give a smaller warmup_epochs or none")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("lr must be positive and min_lr non-negative")
         if not 0 <= self.val_split < 1:
