@@ -283,11 +283,16 @@ def plot_run_temperatures(
     fig, axs = plt.subplots(1, max(1, len(models)), figsize=(2.4 * size * max(1, len(models)) / 2, size),
                             sharey=True, squeeze=False)
     for ax, m in zip(axs[0], models):
-        for r in (r for r in have if r["config"]["model"] == m):
+        rs = [r for r in have if r["config"]["model"] == m]
+        for r in rs:
+            seed = r["config"]["seed"]
             for b, taus in enumerate(r["temperatures"]):
-                ax.scatter([b + 1] * len(taus), taus, s=10, alpha=0.6, color=f"C{r['config']['seed']}")
+                x = b + 1 + 0.12 * (seed - 1)                       # seeds side by side
+                ax.scatter([x] * len(taus), taus, s=10, alpha=0.7, color=f"C{seed}",
+                           label=f"seed {seed}" if b == 0 else None)
         ax.axhline(math.sqrt(head_dim), color="grey", ls=":", lw=1)
-        ax.set(title=NAMES.get(m, m), xlabel="block")
+        ax.set(title=NAMES.get(m, m), xlabel="block", xticks=range(1, len(rs[0]["temperatures"]) + 1))
     axs[0][0].set_ylabel("learned τ (dotted: √d_k)")
+    axs[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
