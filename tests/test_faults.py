@@ -182,6 +182,9 @@ def test_options_are_checked(options, message):
     (["--min-lr", "nan"], "--min-lr must be a finite number"),
     (["--lr", "inf"], "lr must be a finite number"),
     (["--amp", "fp16", "--device", "cpu"], "use --amp bf16 or --amp off"),
+    (["--device", "nonsense"], "invalid choice: 'nonsense'"),
+    pytest.param(["--device", "cuda"], "torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bad_options_get_one_line_before_the_data_loads(tmp_path, capsys, argv, message):
     code, _, err = cli(capsys, *argv, "--dataset", "imagefolder:/no/such/folder",

@@ -145,7 +145,7 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be above 0 (None: no clipping), got {self.grad_clip}")
+            raise ValueError(f"grad_clip must be above 0 (unset: no clipping), got {self.grad_clip}")
         if self.drop_path is not None and not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must be at least 0 and below 1, got {self.drop_path}")
         if not 0 <= self.val_split < 1:
