@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import vitsd_nbdev.training as training
-from vitsd_nbdev.cli import train_main
+from vitsd_nbdev.cli import demo, train_main
 from vitsd_nbdev.training import (TrainConfig, load_checkpoint, lr_at, save_checkpoint, train,
                                   write_atomic)
 from vitsd_nbdev.vit import create_model
@@ -123,6 +123,14 @@ def test_a_finished_run_says_so_and_extends_only_when_asked(tmp_path, capsys):
     code, _, err = cli(capsys, "--epochs", "3", "--out-dir", tmp_path / "new", "--stop-after", "0")
     assert code == 2 and "--stop-after must be at least 1" in one_line(err)
     assert not (tmp_path / "new").exists()
+
+
+def test_the_demo_refuses_a_folder_with_its_runs_before_training(tmp_path):
+    (tmp_path / "sl_vit").mkdir()
+    (tmp_path / "sl_vit" / "checkpoint.pt").write_bytes(b"")       # even a second model's folder
+    with pytest.raises(ValueError, match="already holds the demo's runs.*overwrite=True"):
+        demo(tmp_path, epochs=1, progress=False)
+    assert not (tmp_path / "vit").exists()                          # nothing trained
 
 
 # numerics and options

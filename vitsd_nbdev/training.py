@@ -239,9 +239,11 @@ def describe_run(out: str | Path) -> str | None:
     "What the run folder `out` holds, in words ('a finished run, 3 of 3 epochs'); None: no run."
     out = Path(out)
     if not any((out / f).exists() for f in (*RUN_FILES, LOCK)): return None
-    try: m = json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError): return "a run with no finished epoch"
-    done, planned = m["summary"]["epochs_done"], m["config"]["epochs"]
+    try:
+        m = json.loads((out / "metrics.json").read_text())
+        done, planned = m["summary"]["epochs_done"], m["config"]["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):         # no epoch finished yet, or killed
+        return "a run" if (out / "checkpoint.pt").exists() else "a run with no finished epoch"
     return f"{'a finished' if done >= planned else 'an unfinished'} run, {done} of {planned} epochs"
 
 
