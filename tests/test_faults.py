@@ -255,6 +255,13 @@ def test_a_read_only_out_dir_is_named_before_training(tmp_path, capsys):
         subprocess.run(["umount", str(folder)], capture_output=True)
 
 
+def test_an_out_dir_that_is_a_file_is_named(tmp_path, capsys):
+    (tmp_path / "notes").write_text("mine")
+    code, _, err = cli(capsys, "--out-dir", tmp_path / "notes")
+    assert code == 2 and "is a file, not a folder" in one_line(err)
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "text", "random"])
 def test_a_damaged_checkpoint_is_named(tmp_path, capsys, damage):
     cfg = TrainConfig(**TINY, epochs=2, out_dir=str(tmp_path))

@@ -267,6 +267,8 @@ def _running(holder: dict) -> bool:
 
 def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> Path:
     "Check that this run may write the folder `out`, then lock it; returns the lock file."
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder; choose another out_dir")
     lock = out / LOCK
     holder = _lock_holder(lock)
     if holder is not None and _running(holder):
