@@ -17,7 +17,7 @@ $(VENV_STAMP): settings.ini setup.py pyproject.toml
 	touch $(VENV_STAMP)
 
 run: venv
-	.venv/bin/vitsd-demo
+	.venv/bin/vitsd-demo --overwrite   # the main job again from scratch: replaces runs/demo's runs
 
 sync-check: venv
 	$(PY) -c "from nbdev.doclinks import nbdev_export; nbdev_export()"

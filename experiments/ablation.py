@@ -166,9 +166,10 @@ def main(argv=None):
         if model.startswith("resnet"): extra["preset"] = None   # CNNs have no ViT presets
         cfg = TrainConfig(**{**suite["cfg"], **extra}, model=model, seed=seed, out_dir=str(Path(a.runs) / a.suite / name))
         ckpt = Path(cfg.out_dir) / "checkpoint.pt"
-        resume = ckpt.exists() and load_checkpoint(ckpt)["config"] == asdict(cfg)
+        try: resume = ckpt.exists() and load_checkpoint(ckpt)["config"] == asdict(cfg)
+        except ValueError: resume = False                  # unreadable or from another version: start again
         t0 = time.time()
-        summary = train(cfg, resume=resume, progress=False, log=False)
+        summary = train(cfg, resume=resume, overwrite=not resume, progress=False, log=False)
         hist = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())["history"]
         env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(), cpu=cpu_name(),
                    threads=torch.get_num_threads(),

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .training import RECIPES, TrainConfig, model_presets, train
+from .training import RECIPES, TrainConfig, describe_run, model_presets, train
 
 # %% auto #0
 __all__ = ['field_help', 'option_choices', 'as_flags', 'train_parser', 'train_options', 'train_main', 'device_name', 'demo',
@@ -43,13 +43,20 @@ def option_choices() -> dict[str, list[str]]:
             "device": ["auto", "cpu", "cuda"]}
 
 
+_RUN_OPTIONS = ("resume", "overwrite", "extend", "stop_after")   # train()'s, beside TrainConfig's
+
+
 def as_flags(message: str) -> str:
     "A library message in the command line's words: `image_size=` becomes `--image-size`, one line."
     message = " ".join(message.split())
     def flag(m): return "--" + m[1].replace("_", "-")
     message = re.sub(r"(?<=pass )(\w+)=(?:True)?(?: to get_dataset)?", flag, message)
-    names = "|".join(f.name for f in fields(TrainConfig) if "_" in f.name)
-    return re.sub(rf"(?<![\w-])({names})\b", flag, message)
+    names = [f.name for f in fields(TrainConfig)] + list(_RUN_OPTIONS)
+    named = "|".join(names)
+    message = re.sub(rf"(?<![^\s(])({named})=True\b", flag, message)           # extend=True
+    message = re.sub(rf"(?<![^\s(])({named})=([\w.+-]+)", lambda m: f"{flag(m)} {m[2]}", message)
+    underscored = "|".join(n for n in names if "_" in n)
+    return re.sub(rf"(?<![\w-])({underscored})\b", flag, message)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,6 +90,12 @@ def train_parser() -> argparse.ArgumentParser:
                          "override it")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out-dir from its checkpoint")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the run in --out-dir (without it, a folder with a run is "
+                         "refused)")
+    ap.add_argument("--extend", action="store_true",
+                    help="with --resume: train the run to a new --epochs (the learning-rate "
+                         "schedule is recomputed for the new length)")
     ap.add_argument("--stop-after", type=int, default=None, metavar="N",
                     help="stop after N epochs (resume later)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,27 +107,28 @@ def train_parser() -> argparse.ArgumentParser:
 def train_options(
     argv: list[str] | None = None,  # the command line after `vitsd-train`
     ap: argparse.ArgumentParser | None = None,  # `train_parser()`, or one like it
-) -> tuple[TrainConfig, dict]:      # the config and the run options: resume, stop_after, progress
+) -> tuple[TrainConfig, dict]:      # the config and train()'s options: resume, stop_after, ...
     "Parse a `vitsd-train` command line: a recipe's settings first, then the options given."
     ap = ap or train_parser()
     recipe = ap.parse_args(argv).recipe
     if recipe is not None: ap.set_defaults(**RECIPES[recipe])
     a = vars(ap.parse_args(argv))
     a.pop("recipe")
-    run = dict(resume=a.pop("resume"), stop_after=a.pop("stop_after"),
-               progress=not a.pop("no_progress"))
+    run = {k: a.pop(k) for k in _RUN_OPTIONS} | dict(progress=not a.pop("no_progress"))
     a = {k: None if v == "none" and k in option_choices() else v for k, v in a.items()}
     return TrainConfig(**a), run
 
 
 def train_main(argv: list[str] | None = None):
-    "Entry point of the `vitsd-train` command."
+    "Entry point of the `vitsd-train` command: exit 2 on a bad option, 1 on a fault, in one line."
     ap = train_parser()
     try:
         cfg, run = train_options(argv, ap)
         train(cfg, **run)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:                  # the command line can fix it
         ap.error(as_flags(str(e)))
+    except (OSError, FloatingPointError) as e:                    # a full disk, a diverged run
+        ap.exit(1, f"{ap.prog}: error: {as_flags(str(e))}\n")
 
 # %% ../nbs/10_cli.ipynb #1bfb1372
 def device_name(device: str) -> str:
@@ -130,12 +144,17 @@ def demo(
     models: tuple[str, ...] = ("vit", "sl_vit"),
     seed: int = 0,                      # seeds initialisation, data order and augmentation
     progress: bool = True,              # a progress bar per epoch
+    overwrite: bool = False,            # replace the runs already in out_dir
 ) -> list[dict]:                        # the summary of each run (see `train`)
     "Train each model on the digits data with the same recipe and print a comparison table."
+    held = [describe_run(Path(out_dir) / m) for m in models]
+    if any(held) and not overwrite:                    # checked for every model before training
+        raise ValueError(f"{out_dir} already holds the demo's runs ({next(filter(None, held))}); "
+                         "pass overwrite=True to run it again, or choose another out_dir")
     base = TrainConfig(dataset="digits", image_size=16, preset="tiny", epochs=epochs,
                        warmup_epochs=max(1, epochs // 8), batch_size=64, seed=seed)
     results = [train(replace(base, model=m, out_dir=str(Path(out_dir) / m)), progress=progress,
-                     log=False) for m in models]
+                     log=False, overwrite=overwrite) for m in models]
     print(f"\ndigits (1,437 train / 360 test images, 16x16), tiny preset, {epochs} epochs, "
           f"seed {seed}, on {device_name(results[0]['device'])}")
     print(f"{'model':8s} {'params':>8s} {'final acc':>10s} {'best acc (epoch)':>17s} "
@@ -156,7 +175,10 @@ def demo_main(argv: list[str] | None = None):
     ap.add_argument("--epochs", type=int, default=40, help="passes over the training images")
     ap.add_argument("--seed", type=int, default=0,
                     help="seeds initialisation, data order, augmentation")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the runs already in --out-dir")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     a = ap.parse_args(argv)
-    try: demo(a.out_dir, a.epochs, seed=a.seed)
+    try: demo(a.out_dir, a.epochs, seed=a.seed, overwrite=a.overwrite)
     except ValueError as e: ap.error(as_flags(str(e)))
+    except (OSError, FloatingPointError) as e: ap.exit(1, f"{ap.prog}: error: {as_flags(str(e))}\n")

@@ -5,14 +5,19 @@
 # %% ../nbs/07_training.ipynb #58a66482
 from __future__ import annotations
 import csv
+import errno
 import importlib
+import io
 import json
 import math
+import numbers
 import os
 import pickle
 import random
+import socket
 import sys
 import time
+import zipfile
 from contextlib import nullcontext
 from copy import copy
 from dataclasses import asdict, dataclass, fields
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from tqdm import tqdm
 
@@ -32,8 +37,9 @@ from .data import DeviceLoader, get_dataset, get_device_loaders
 from .vit import ADD_ON_MODELS, PRESETS, VARIANTS, count_params, create_model
 
 # %% auto #0
-__all__ = ['RECIPES', 'lr_at', 'param_groups', 'cpu_has_bf16', 'amp_dtype', 'model_presets', 'TrainConfig', 'write_atomic',
-           'save_checkpoint', 'load_checkpoint', 'save_weights', 'evaluate', 'stratified_split', 'train']
+__all__ = ['RECIPES', 'RUN_FILES', 'LOCK', 'lr_at', 'param_groups', 'cpu_has_bf16', 'amp_dtype', 'model_presets', 'TrainConfig',
+           'write_atomic', 'save_checkpoint', 'load_checkpoint', 'save_weights', 'describe_run', 'evaluate',
+           'stratified_split', 'train']
 
 # %% ../nbs/07_training.ipynb #02f3d995
 def lr_at(
@@ -97,6 +103,17 @@ def model_presets() -> dict[str, list[str]]:
             for m in [*VARIANTS, *ADD_ON_MODELS]}
 
 
+def _check_type(name: str, annotation: str, value):
+    "A `TrainConfig` value has its field's type: a whole number for int, a finite number for float."
+    kind = annotation.split("|")[0].strip()
+    if value is None and "None" in annotation: return
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "int" and not (number and isinstance(value, numbers.Integral)):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if kind == "float" and not (number and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     "Everything a training run depends on; defaults: the official CIFAR recipe (see `RECIPES`)."
@@ -126,17 +143,25 @@ class TrainConfig:
     out_dir: str = "runs/run" # the run folder: config, weights, checkpoint, metrics, curves
 
     def __post_init__(self):
-        for k in ("epochs", "batch_size", "eval_every"):
+        for f in fields(self): _check_type(f.name, f.type, getattr(self, f.name))
+        for k in ("epochs", "batch_size", "eval_every", "image_size", "patch_size", "depth"):
             v = getattr(self, k)
-            if v < 1: raise ValueError(f"{k} must be at least 1, got {v}")
+            if v is not None and v < 1: raise ValueError(f"{k} must be at least 1, got {v}")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
-                             f"got {self.warmup_epochs}; give a smaller warmup_epochs or none")
-        if self.lr <= 0 or self.min_lr < 0:
-            raise ValueError("lr must be positive and min_lr non-negative")
+                             f"got {self.warmup_epochs}; give a smaller warmup_epochs or leave it unset")
+        if self.lr <= 0: raise ValueError(f"lr must be above 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be above 0 (unset: no clipping), got {self.grad_clip}")
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path must be at least 0 and below 1, got {self.drop_path}")
         if not 0 <= self.val_split < 1:
             raise ValueError(f"val_split must be at least 0 and below 1, got {self.val_split}")
-        amp_dtype(torch.device("cpu"), self.amp)           # validates the amp setting
+        amp_dtype(torch.device("meta"), self.amp)  # the name only: hardware is checked in train
         presets = model_presets()
         if self.model not in presets:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(presets)}")
@@ -181,12 +206,18 @@ def write_atomic(
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC: raise
+        raise OSError(f"no space left on device: {path}; free some space, then pass "
+                      "resume=True to continue from the last checkpoint") from None
     finally: tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | Path, state: dict):
     "Write `state` with torch.save, atomically (tensors, numbers, strings and containers only)."
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)                  # in memory, so a full disk raises OSError(ENOSPC)
+    write_atomic(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -194,16 +225,97 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train without --resume first")
+    damaged = ValueError(f"{path} is not a readable checkpoint (empty, truncated or damaged); "
+                         "pass overwrite=True to start the run over, or delete the run folder")
+    if not zipfile.is_zipfile(path): raise damaged              # torch.save writes a zip archive
     try: return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(f"{path} holds Python objects beyond tensors and numbers (from an older "
                          "version?); not loaded, since unpickling them could run code") from None
+    except (RuntimeError, EOFError, KeyError, ValueError): raise damaged from None
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None):
     "Write a model's state dict as a safetensors file, atomically."
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomic(path, lambda tmp: save_file(state, tmp, metadata))
+    write_atomic(path, lambda tmp: tmp.write_bytes(save(state, metadata)))
+
+# %% ../nbs/07_training.ipynb #3f1c7a21
+RUN_FILES = ("config.json", "model.safetensors", "best.safetensors", "checkpoint.pt",
+             "metrics.json", "metrics.csv", "curves.png")    # what `train` writes in a run folder
+LOCK = "train.lock"   # names the process training in a run folder; removed when it ends
+
+
+def describe_run(out: str | Path) -> str | None:
+    "What the run folder `out` holds, in words ('a finished run, 3 of 3 epochs'); None: no run."
+    out = Path(out)
+    if not any((out / f).exists() for f in (*RUN_FILES, LOCK)): return None
+    try:
+        m = json.loads((out / "metrics.json").read_text())
+        done, planned = m["summary"]["epochs_done"], m["config"]["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):         # no epoch finished yet, or killed
+        return "a run" if (out / "checkpoint.pt").exists() else "a run with no finished epoch"
+    return f"{'a finished' if done >= planned else 'an unfinished'} run, {done} of {planned} epochs"
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    "The process a lock file names ({} if unreadable), or None without a lock file."
+    try: return json.loads(lock.read_text())
+    except FileNotFoundError: return None
+    except (OSError, ValueError): return {}
+
+
+def _running(holder: dict) -> bool:
+    "Whether the process a lock names still runs (one on another machine is assumed to)."
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid(): return False
+    if holder.get("host") != socket.gethostname() or os.name == "nt": return True
+    try: os.kill(pid, 0)                      # signal 0: only asks whether the process exists
+    except ProcessLookupError: return False
+    except PermissionError: return True       # another user's process
+    return True
+
+
+def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> Path:
+    "Check that this run may write the folder `out`, then lock it; returns the lock file."
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder; choose another out_dir")
+    lock = out / LOCK
+    holder = _lock_holder(lock)
+    if holder is not None and _running(holder):
+        raise ValueError(f"{out} is in use by a training still running (pid {holder['pid']} on "
+                         f"{holder['host']}); wait for it to end or choose another out_dir "
+                         f"(if it has ended, delete {lock})")
+    held, gone = describe_run(out), ""
+    if holder is not None: gone = f" (its training, pid {holder.get('pid')}, is no longer running)"
+    if held is not None and not resume and not overwrite:
+        raise ValueError(f"{out} already holds {held}{gone}; pass resume=True to continue it, "
+                         "pass overwrite=True to replace it, or choose another out_dir")
+    if holder is not None:
+        print(f"note: {out}: taking over from pid {holder.get('pid')}, no longer running",
+              file=sys.stderr)
+    me = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                         started=time.strftime("%Y-%m-%d %H:%M:%S")))
+    try:
+        for f in RUN_FILES if overwrite else (): (out / f).unlink(missing_ok=True)
+        if holder is not None:
+            for tmp in out.glob(f".*.{holder.get('pid')}.tmp"): tmp.unlink()   # its writes
+            lock.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # fails if another run was faster
+        with os.fdopen(fd, "w") as f: f.write(me)
+    except FileExistsError:
+        raise ValueError(f"{out} was claimed by another training just now; choose another out_dir"
+                         ) from None
+    except OSError as e:
+        raise OSError(f"cannot write to the run folder {out} ({e.strerror}); "
+                      "choose another out_dir") from None
+    return lock
+
+
+def _release_run_folder(lock: Path):
+    "Remove the lock file if it is this process's."
+    if (_lock_holder(lock) or {}).get("pid") == os.getpid(): lock.unlink(missing_ok=True)
 
 # %% ../nbs/07_training.ipynb #b637c26c
 @torch.inference_mode()
@@ -260,6 +372,11 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, torch.device(device)
 
 
+def _step_seed(seed: int, epoch: int, rank: int, step: int) -> int:
+    "The seed of a training step's own randomness (stochastic depth): one per rank, step and epoch."
+    return int(np.random.SeedSequence([seed, epoch, rank, step, 1]).generate_state(1)[0])
+
+
 def _rng_state() -> dict:
     "Every random-number state, as tensors and numbers (so the checkpoint loads with weights_only)."
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
@@ -282,7 +399,8 @@ def _set_rng_state(s: dict):
 
 def _write_metrics(out: Path, cfg: TrainConfig, history: list[dict], summary: dict):
     "metrics.json (config, history, summary) and metrics.csv (a row per epoch), written atomically."
-    metrics = json.dumps({"config": asdict(cfg), "history": history, "summary": summary}, indent=1)
+    metrics = {"config": asdict(cfg), "history": history, "summary": summary}
+    metrics = json.dumps(metrics, indent=1, allow_nan=False)      # strict JSON: no NaN, no Infinity
     write_atomic(out / "metrics.json", lambda tmp: tmp.write_text(metrics))
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
@@ -324,7 +442,8 @@ def _write_run_config(out: Path, cfg: TrainConfig, spec: dict, info, classes: li
     run = dict(model=spec, classes=list(classes), image_size=info.image_size,
                in_chans=info.in_chans, mean=list(info.mean), std=list(info.std), train=asdict(cfg),
                versions={"vitsd_nbdev": __version__, "torch": torch.__version__})
-    write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(run, indent=1)))
+    text = json.dumps(run, indent=1, allow_nan=False)
+    write_atomic(out / "config.json", lambda tmp: tmp.write_text(text))
 
 # %% ../nbs/07_training.ipynb #518af1b0
 def train(
@@ -335,21 +454,58 @@ def train(
     log: bool = True,               # print one line per epoch and a summary
     model: nn.Module | None = None, # your own model, trained in place; None: cfg.model by name
     on_epoch_end: Callable[[dict], None] | None = None,  # called with each epoch's metrics
+    overwrite: bool = False,        # replace the run in cfg.out_dir (its files are deleted first)
+    extend: bool = False,           # with resume: train the run to cfg.epochs, a new length
 ) -> dict:                          # summary: final and best accuracy, parameters, time, out_dir
     "Train a model by `cfg`, evaluating every `eval_every` epochs; writes the run folder out_dir."
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be at least 1, got {stop_after}")
+    if resume and overwrite:
+        raise ValueError("resume=True continues the run, overwrite=True replaces it: pass one")
+    if extend and not resume:
+        raise ValueError("extend=True changes a run's length: pass resume=True too")
+    created = not (dist.is_available() and dist.is_initialized())
     rank, world, device = _setup_distributed(cfg.device)
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
-    out = Path(cfg.out_dir)
-    ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
-    if ckpt is not None and ckpt["config"] != asdict(cfg):
-        changed = [k for k, v in asdict(cfg).items() if ckpt["config"].get(k) != v]
+    out, lock = Path(cfg.out_dir), None
+    try:
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+        if device.type == "cpu" and amp_dtype(device, cfg.amp) == torch.float16:
+            raise ValueError("amp=fp16 is emulated on the CPU and about 8 times slower than "
+                             "float32; use amp=bf16 or amp=off on the CPU")
+        if rank == 0: lock = _claim_run_folder(out, resume, overwrite)   # before any data loads
+        ckpt = _resumed(out, cfg, extend) if resume else None
+        return _fit(cfg, rank, world, device, out, ckpt, stop_after, progress, log, model,
+                    on_epoch_end)
+    finally:
+        if lock is not None: _release_run_folder(lock)
+        if world > 1 and created and dist.is_initialized(): dist.destroy_process_group()
+
+
+def _resumed(out: Path, cfg: TrainConfig, extend: bool) -> dict:
+    "The checkpoint in `out`, if made with `cfg` (its folder aside; its length too with `extend`)."
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    planned = ckpt["config"]["epochs"]
+    changed = [k for k, v in asdict(cfg).items()
+               if k != "out_dir" and ckpt["config"].get(k) != v]   # a moved folder still resumes
+    if changed == ["epochs"] and not extend:
+        raise ValueError(f"the run in {out} was planned for {planned} epochs, not {cfg.epochs}; "
+                         f"pass extend=True to train it to {cfg.epochs} epochs (the learning-rate "
+                         f"schedule is recomputed for the new length), or keep epochs={planned}")
+    if changed == ["epochs"] and cfg.epochs < ckpt["epoch"]:
+        raise ValueError(f"the run in {out} has done {ckpt['epoch']} epochs already; "
+                         f"extend it to more than that")
+    if changed and changed != ["epochs"]:
         raise ValueError(f"the checkpoint in {out} was made with a different config "
                          f"({', '.join(changed)}); resume with the same options")
+    return ckpt
+
+
+def _fit(cfg, rank, world, device, out, ckpt, stop_after, progress, log, model, on_epoch_end):
+    "The training loop of `train`, after its checks: from a checkpoint if `ckpt`."
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-
     train_dl, val_dl, test_dl, info, classes = _run_data(cfg, device, rank, world)
     model, spec = _run_model(cfg, info, model)
     model = model.to(device)
@@ -379,21 +535,26 @@ def train(
     if rank == 0: _write_run_config(out, cfg, spec, info, classes)
     if log and rank == 0:
         held = f", {len(val_dl.labels)} training images held out" if val_dl is not None else ""
+        todo = (f"epochs {start + 1}-{end} of {cfg.epochs}" if start < end else
+                f"finished ({start} of {cfg.epochs} epochs), nothing to train; to train it longer, "
+                "resume with more epochs and extend")
         print(f"{name} on {cfg.dataset} ({info.image_size}px, {info.num_classes} classes{held}): "
               f"{n_params/1e6:.3f}M parameters, {world} x {device.type}, {dtype or torch.float32}, "
-              f"epochs {start + 1}-{end} of {cfg.epochs}")
+              f"{todo}")
 
     for epoch in range(start, end):
         train_dl.set_epoch(epoch)
         net.train()
         t0, seen = time.perf_counter(), 0
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        first_bad = torch.tensor(steps_per_epoch, device=device)   # step of a non-finite loss
         shown = t0                      # the bar reads the loss (a sync) at most once a second
         bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
                    disable=not progress or rank != 0)
         for i, (x, y) in enumerate(bar):
             lr = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr, cfg.min_lr)
             for g in opt.param_groups: g["lr"] = lr
+            torch.manual_seed(_step_seed(cfg.seed, epoch, rank, i))  # CPU and GPU generators
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
@@ -407,6 +568,7 @@ def train(
             hard = y if y.ndim == 1 else y.argmax(1)    # soft (mixed) targets: their main class
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == hard).sum()
+            first_bad = torch.where(loss.detach().isfinite(), first_bad, first_bad.clamp(max=i))
             seen += len(y)
             if progress and rank == 0 and time.perf_counter() - shown > 1:
                 shown = time.perf_counter()
@@ -416,16 +578,28 @@ def train(
         if device.type == "cuda": torch.cuda.synchronize()
         epoch_time = time.perf_counter() - t0
         elapsed += epoch_time
+        sums = torch.stack([loss_sum.double(), correct.double(),
+                            torch.tensor(seen, dtype=torch.float64, device=device)])
+        if world > 1:                   # the epoch's metrics over every process's images
+            dist.all_reduce(sums)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        if first_bad.item() < steps_per_epoch:
+            step = first_bad.item()
+            lr = lr_at(epoch * steps_per_epoch + step, total, warmup, cfg.lr, cfg.min_lr)
+            raise FloatingPointError(_diverged("the training loss", epoch, cfg, out, lr, step + 1,
+                                               steps_per_epoch))
+        loss_total, correct_total, seen = sums.tolist()
         h = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
-                 train_loss=round(loss_sum.item() / seen, 5),
-                 train_acc=round(correct.item() / seen, 5))
+                 train_loss=round(loss_total / seen, 5), train_acc=round(correct_total / seen, 5))
         due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs   # else None
         for split, dl in (("val", val_dl), ("test", test_dl)):
             if dl is None: continue
             loss, acc = evaluate(model, dl, device, dtype) if due else (None, None)
+            if loss is not None and not math.isfinite(loss):
+                raise FloatingPointError(_diverged(f"the {split}_loss", epoch, cfg, out, lr))
             loss, acc = (None if v is None else round(v, 5) for v in (loss, acc))
             h |= {f"{split}_loss": loss, f"{split}_acc": acc}
-        h |= dict(epoch_time=round(epoch_time, 3), img_per_s=round(seen * world / epoch_time, 1))
+        h |= dict(epoch_time=round(epoch_time, 3), img_per_s=round(seen / epoch_time, 1))
         so_far = [p[best_key] for p in history if p[best_key] is not None]
         improved = due and h[best_key] > max(so_far, default=-1.0)
         history.append(h)
@@ -447,9 +621,20 @@ def train(
             if on_epoch_end is not None: on_epoch_end(dict(h))
     summary = _summary(name, cfg, history, n_params, elapsed, out, device)
     if rank == 0 and history:
+        _write_metrics(out, cfg, history, summary)     # also after a kill between two writes
         _save_curves(out, name, history)
         if log and summary["final_acc"] is not None: print(_summary_line(summary))
     return summary
+
+
+def _diverged(what, epoch, cfg, out, lr, step=None, steps=None) -> str:
+    "One line on a non-finite loss: where, at which learning rate, what was kept, what to do."
+    where = f"in epoch {epoch + 1} of {cfg.epochs}"
+    if step: where += f", at step {step} of {steps}"
+    kept = f"{out} keeps epoch {epoch}" if epoch else "nothing was saved"
+    return (f"training stopped: {what} became NaN or infinite {where} (learning rate {lr:.3g}); "
+            f"{kept}; a learning rate too high is the usual cause: start again (overwrite=True) "
+            f"with a lower one, e.g. lr={cfg.lr / 10:g}, or with grad_clip=1")
 
 
 def _summary(name, cfg, history, n_params, elapsed, out, device) -> dict:
