@@ -199,3 +199,12 @@ def test_compiled_training_matches_eager_on_cpu(tmp_path):
     assert abs(eager["test_acc"] - comp["test_acc"]) <= 2 / 360
     for k, v in runs[False]["model"].items():
         torch.testing.assert_close(runs[True]["model"][k], v, rtol=1e-3, atol=1e-4)
+
+
+def test_bf16_config_for_a_gpu_is_accepted_on_a_cpu_without_bf16(monkeypatch):
+    # a config is data: whether this CPU has bf16 matters only when training starts on the CPU
+    import vitsd_nbdev.training as tr
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: False)
+    assert TrainConfig(amp="bf16", device="cuda").amp == "bf16"
+    with pytest.raises(ValueError, match="bf16"):
+        tr.amp_dtype(torch.device("cpu"), "bf16")
