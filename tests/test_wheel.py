@@ -129,7 +129,7 @@ def test_wheel_metadata(built):
     assert set(meta.get_all("Provides-Extra")) == {"timm", "export", "dev"}
     by_extra = {e: {canonicalize_name(r.name) for r in requires if r.marker and r.marker.evaluate({"extra": e})}
                 for e in ("timm", "export", "dev")}
-    assert by_extra["timm"] == {"timm"} and by_extra["export"] == {"onnx", "onnxruntime"}
+    assert by_extra["timm"] == {"timm"} and by_extra["export"] == {"onnx", "onnxruntime", "onnxscript"}
     assert by_extra["timm"] | by_extra["export"] <= by_extra["dev"]               # dev installs the optional parts
     assert sdist.name == f"vitsd_nbdev-{CFG['version']}.tar.gz"
 

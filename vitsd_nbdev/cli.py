@@ -68,8 +68,8 @@ class _Parser(argparse.ArgumentParser):
 def train_parser() -> argparse.ArgumentParser:
     "The argument parser of `vitsd-train`, generated from `TrainConfig` and its field comments."
     ap = _Parser(prog="vitsd-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                 description="Train a ViT / SL-ViT variant from scratch (the paper's recipe by "
-                             "default) and write a run folder that `vitsd-predict` can use.")
+                 description="Train a ViT / SL-ViT variant from scratch (the official CIFAR recipe "
+                             "by default) and write a run folder that `vitsd-predict` can use.")
     helps, choices = field_help(), option_choices()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
