@@ -139,6 +139,13 @@ def test_run_folder_rebuilds_the_trained_model(tmp_path):
     for k, v in ckpt["model"].items(): assert torch.equal(v, rebuilt.state_dict()[k]), k
 
 
+def test_val_split_too_small_names_val_split(tmp_path):
+    cfg = TrainConfig(**TINY, epochs=1, val_split=0.001, out_dir=str(tmp_path))
+    message = r"val_split 0.001: .*at least the number of classes, 10; raise it"
+    with pytest.raises(ValueError, match=message):
+        train(cfg, progress=False, log=False)
+
+
 def test_val_split_chooses_the_best_epoch_on_validation(tmp_path):
     cfg = TrainConfig(**TINY, epochs=6, val_split=0.1, out_dir=str(tmp_path))
     s = train(cfg, progress=False, log=False)

@@ -33,13 +33,12 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
-from .data import DeviceLoader, get_dataset, get_device_loaders
+from .data import DeviceLoader, get_dataset, get_device_loaders, stratified_split
 from .vit import ADD_ON_MODELS, PRESETS, VARIANTS, count_params, create_model
 
 # %% auto #0
 __all__ = ['RECIPES', 'RUN_FILES', 'LOCK', 'lr_at', 'param_groups', 'cpu_has_bf16', 'amp_dtype', 'model_presets', 'TrainConfig',
-           'write_atomic', 'save_checkpoint', 'load_checkpoint', 'save_weights', 'describe_run', 'evaluate',
-           'stratified_split', 'train']
+           'write_atomic', 'save_checkpoint', 'load_checkpoint', 'save_weights', 'describe_run', 'evaluate', 'train']
 
 # %% ../nbs/07_training.ipynb #02f3d995
 def lr_at(
@@ -339,22 +338,6 @@ def evaluate(
     model.train(was_training)
     return loss_sum.item() / n, correct.item() / n
 
-# %% ../nbs/07_training.ipynb #d2e5d9d7
-def stratified_split(
-    labels,           # one int label per image
-    fraction: float,  # share of every class to hold out, 0 < fraction < 1
-    seed: int = 0,    # chooses which images are held out
-) -> tuple[np.ndarray, np.ndarray]:  # sorted indices: (kept, held out)
-    "Hold out `fraction` of the images of every class, drawn at random with `seed`."
-    if not 0 < fraction < 1: raise ValueError(f"val_split must be between 0 and 1, got {fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    held = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    held = np.sort(np.concatenate([idx[:round(fraction * len(idx))] for idx in held]))
-    if len(held) == 0:
-        raise ValueError(f"val_split {fraction} holds out no image of {len(labels)}; raise it")
-    return np.setdiff1d(np.arange(len(labels)), held), held
-
 # %% ../nbs/07_training.ipynb #2639b91c
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     "Rank, world size and device of this process; initialises torch.distributed under torchrun."
@@ -417,7 +400,8 @@ def _run_data(cfg: TrainConfig, device: torch.device, rank: int, world: int):
         device=device, seed=cfg.seed, rank=rank, world_size=world, download=cfg.download)
     classes = get_dataset(cfg.dataset, cfg.data_root, "test", image_size=cfg.image_size).classes
     if not cfg.val_split: return train_dl, None, test_dl, info, classes
-    split = stratified_split(train_dl.labels.cpu(), cfg.val_split, cfg.seed)
+    try: split = stratified_split(train_dl.labels.cpu(), cfg.val_split, cfg.seed)
+    except ValueError as e: raise ValueError(f"val_split {cfg.val_split}: {e}; raise it") from None
     keep, held = (torch.from_numpy(i).to(train_dl.images.device) for i in split)
     x, y = train_dl.images, train_dl.labels
     val_dl = DeviceLoader(x[held], y[held], train_dl.batch_size, info.mean, info.std)
