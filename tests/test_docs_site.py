@@ -137,3 +137,29 @@ def test_search(pages):
     assert "search.html" in pages
     index = (DOCS / "searchindex.js").read_text(encoding="utf-8")
     for page in notebook_pages().values(): assert f'"{page[:-5]}"' in index, f"{page} is not in the search index"
+
+
+MAX_CODE_LINE = 100  # a wider code line gets a horizontal scroll bar on the docs pages
+
+
+def long_code_lines(soup):
+    "(line, length) of every code line wider than MAX_CODE_LINE: code cells, code blocks, signatures."
+    res = []
+    for pre in soup.find_all("pre"):
+        if pre.find_parent(class_="cell_output"): continue   # printed output is data, not code
+        res += [(line, len(line)) for line in pre.get_text().splitlines() if len(line) > MAX_CODE_LINE]
+    return res
+
+
+def test_long_code_lines_are_found():
+    soup = BeautifulSoup(f"<pre>{'x' * 101}</pre><div class='cell_output'><pre>{'y' * 200}</pre></div>"
+                         f"<pre>{'z' * 100}</pre>", "html.parser")
+    assert long_code_lines(soup) == [("x" * 101, 101)]
+
+
+def test_code_lines_fit_the_page(pages):
+    "No code line on any page is wider than MAX_CODE_LINE characters."
+    too_long = {name: long_code_lines(soup) for name, soup in sorted(pages.items())}
+    report = [f"{name}: {n} chars: {line.strip()[:70]}..." for name, lines in too_long.items()
+              for line, n in lines]
+    assert not report, f"{len(report)} code lines over {MAX_CODE_LINE} characters:\n" + "\n".join(report)
