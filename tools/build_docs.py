@@ -11,7 +11,7 @@ Run from the repo root: `.venv/bin/python tools/build_docs.py` (or `make docs`).
 
 Where Quarto is installed, plain `nbdev_docs` still works on the same notebooks.
 """
-import gc, importlib, inspect, json, re, shutil, sys, time
+import gc, importlib, inspect, json, re, shutil, sys, textwrap, time
 from pathlib import Path
 
 import yaml
@@ -72,12 +72,30 @@ def anchor(id_):
     return "" if make_id(id_) == id_ else f'<div id="{id_}"></div>\n\n'
 
 
+MAX_LINE = 100  # the width of a code block on a page without a horizontal scroll bar
+
+
+def wrap_signature_line(line):
+    """A show_doc signature line wider than MAX_LINE, as several: the parameter's comment on the next
+    line(s), and a long default value broken after its commas."""
+    if len(line) <= MAX_LINE: return [line]
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    code, sep, comment = line.partition(" # ")
+    res = textwrap.wrap(code.rstrip(), MAX_LINE, subsequent_indent=indent, break_long_words=False,
+                        break_on_hyphens=False)
+    if sep: res += textwrap.wrap(comment, MAX_LINE, initial_indent=indent + "# ",
+                                 subsequent_indent=indent + "# ", break_long_words=False)
+    return res
+
+
 def fix_show_doc(md, ids, anchor_id=None):
     """Make show_doc's Quarto markdown plain MyST: the rule and the `{target=...}` source link become
     HTML, the heading gets nbdev's anchor (`#patchify`, `#foo.__call__`) and escaped underscores."""
     md = re.sub(r"^---[ \t]*$", '<hr class="showdoc">', md, count=1, flags=re.M)
     # nbdev's add_links also links `names` in the signature's comments, inside the code block: undo that
     md = re.sub(r"```.*?```", lambda m: re.sub(r"\[(`[^`]+`)\]\([^)]*\)", r"\1", m[0]), md, flags=re.S)
+    md = re.sub(r"```.*?```", lambda m: "\n".join(w for line in m[0].split("\n")
+                                                   for w in wrap_signature_line(line)), md, flags=re.S)
     md = _re_source.sub(r'<p class="sd-source"><a href="\1" target="_blank">source</a></p>', md)
     m = _re_heading.search(md)
     if not m: return md
