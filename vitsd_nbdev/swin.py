@@ -27,7 +27,7 @@ class SwinConfig:
     image_size: int = 32                 # side of the square input image
     num_classes: int = 10
     in_chans: int = 3
-    patch_size: int | None = None        # None: image_size // 16, a 16×16 grid (2 at 32, 4 at 64)
+    patch_size: int | None = None        # None: image_size // 16, a 16×16 token grid (2 at 32 px)
     embed_dim: int = 96                  # width of stage 1; each patch merging doubles it
     depths: tuple[int, ...] = (2, 6, 4)  # blocks per stage
     heads: tuple[int, ...] = (3, 6, 12)  # heads per stage (32 dimensions each with the defaults)
