@@ -1,4 +1,4 @@
-"Batched AutoAugment (chapter 6a): the same bytes as torchvision per operation, the same distribution per policy."
+"Batched AutoAugment (chapter 6a): torchvision's bytes per operation, its distribution per policy."
 import numpy as np
 import pytest
 import torch
@@ -22,9 +22,13 @@ def test_each_operation_gives_torchvisions_bytes(op, C, H, W):
     x = images(C, H, W)
     tv = v2.AutoAugment()
     bins, signed = magnitudes(op, H, W)
-    for v in ([0.0] if bins is None else [float(bins[k]) * s for k in (1, 5, 9) for s in (1, -1)[:1 + signed]]):
-        ref = torch.stack([tv._apply_image_or_video_transform(img, op, v, "nearest", tv._fill) for img in x])
-        assert torch.equal(apply_op(x, op, torch.full((len(x),), v, dtype=torch.float64)), ref), (op, v)
+    values = [0.0] if bins is None else [float(bins[k]) * s for k in (1, 5, 9)
+                                         for s in (1, -1)[:1 + signed]]
+    for v in values:
+        ref = torch.stack([tv._apply_image_or_video_transform(img, op, v, "nearest", tv._fill)
+                           for img in x])
+        mags = torch.full((len(x),), v, dtype=torch.float64)
+        assert torch.equal(apply_op(x, op, mags), ref), (op, v)
 
 
 def test_each_image_gets_its_own_magnitude():
@@ -35,7 +39,8 @@ def test_each_image_gets_its_own_magnitude():
 
 
 def test_grayscale_policy_has_torchvisions_distribution():
-    img = images(1)[-1]                                          # a smooth grayscale image, as digits are
+    # a smooth grayscale image, as digits are
+    img = images(1)[-1]
     n = 2000
     torch.manual_seed(3)
     tv = v2.AutoAugment(v2.AutoAugmentPolicy.SVHN)
@@ -59,6 +64,7 @@ def test_seeded_batches_repeat_and_input_is_left_alone():
 
 
 def test_bad_input_is_refused_in_one_line():
-    with pytest.raises(ValueError, match="uint8 image batches") as e: BatchAutoAugment()(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="uint8 image batches") as e:
+        BatchAutoAugment()(torch.rand(2, 3, 8, 8))
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="cifar10, svhn"): BatchAutoAugment("mnist")

@@ -7,7 +7,8 @@ from torch import nn
 from vitsd_nbdev.patches import PatchEmbedding, PatchTokenization, patchify, unpatchify
 
 
-@pytest.mark.parametrize("shape,p", [((2, 3, 32, 32), 4), ((1, 1, 8, 12), 2), ((3, 5, 64, 64), 8), ((1, 3, 6, 6), 6)])
+@pytest.mark.parametrize("shape,p", [((2, 3, 32, 32), 4), ((1, 1, 8, 12), 2), ((3, 5, 64, 64), 8),
+                                     ((1, 3, 6, 6), 6)])
 def test_round_trip(shape, p):
     x = torch.randn(shape)
     patches = patchify(x, p)
@@ -19,9 +20,11 @@ def test_round_trip(shape, p):
 def test_patch_layout_row_major_row_col_channel():
     # pixel (c, y, x) of a 4x4 two-channel image, patch size 2: encode position in the value
     C, H, W, p = 2, 4, 4, 2
-    x = torch.tensor([[[100 * c + 10 * y + xx for xx in range(W)] for y in range(H)] for c in range(C)], dtype=torch.float)[None]
+    x = torch.tensor([[[100 * c + 10 * y + xx for xx in range(W)] for y in range(H)]
+                      for c in range(C)], dtype=torch.float)[None]
     patches = patchify(x, p)[0]
-    # patch 1 is grid row 0, column 1 -> pixels x in {2, 3}, y in {0, 1}; vector order (row, col, channel)
+    # patch 1 is grid row 0, column 1 -> pixels x in {2, 3}, y in {0, 1};
+    # vector order (row, col, channel)
     expected = [100 * c + 10 * y + xx for y in (0, 1) for xx in (2, 3) for c in (0, 1)]
     assert patches[1].tolist() == expected
     # patch 2 starts grid row 1

@@ -1,11 +1,12 @@
-"Receptive field (chapter 2): the formula, the gradient measurement, standard tokens and SPT tokens."
+"Receptive field (chapter 2): the formula, the gradient measurement, standard and SPT tokens."
 import pytest
 import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 
 from vitsd_nbdev.patches import PatchTokenization
-from vitsd_nbdev.receptive_field import receptive_field_formula, receptive_field_size, token_gradient_map
+from vitsd_nbdev.receptive_field import (receptive_field_formula, receptive_field_size,
+                                         token_gradient_map)
 from vitsd_nbdev.spt import SHIFT_DIRECTIONS, ShiftedPatchTokenization
 
 
@@ -20,7 +21,8 @@ def test_formula():
     assert [receptive_field_formula(P, P) for P in (1, 4, 16)] == [1, 4, 16]
     assert receptive_field_formula(3, 1, r_trans=3) == 5
     assert receptive_field_formula(3, 2, r_trans=3) == 7
-    assert receptive_field_formula(8, 4) == 8                     # SPT, P = 4, s = 2: kernel P + 2s, stride P
+    # SPT, P = 4, s = 2: kernel P + 2s, stride P
+    assert receptive_field_formula(8, 4) == 8
 
 
 @pytest.mark.parametrize("P", [2, 4, 8])
@@ -41,7 +43,8 @@ def test_spt_interior_token_sees_P_plus_2s(directions, P, s):
     H = 6 * P
     img = torch.rand(3, H, H)
     spt = ShiftedPatchTokenization(3, 12, P, shift=s, directions=directions)
-    centre = (H // P) * (H // P // 2) + H // P // 2                  # grid (3, 3): at least 3P from every border
+    # grid (3, 3): at least 3P from every border
+    centre = (H // P) * (H // P // 2) + H // P // 2
     g = token_gradient_map(spt, img, centre)
     assert receptive_field_size(g) == receptive_field_formula(P + 2 * s, P) == P + 2 * s
 
@@ -49,16 +52,19 @@ def test_spt_interior_token_sees_P_plus_2s(directions, P, s):
 def test_spt_default_doubles_the_receptive_field_and_fills_it():
     torch.manual_seed(0)
     img = torch.rand(3, 32, 32)
-    g = token_gradient_map(ShiftedPatchTokenization(3, 16, 4), img, 27)   # grid (3, 3), pixels 12..15
+    # grid (3, 3), pixels 12..15
+    g = token_gradient_map(ShiftedPatchTokenization(3, 16, 4), img, 27)
     assert receptive_field_size(g) == 8
     expected = torch.zeros(32, 32, dtype=torch.bool)
-    expected[10:18, 10:18] = True                                 # 2P window centred on the patch, fully seen
+    # 2P window centred on the patch, fully seen
+    expected[10:18, 10:18] = True
     assert torch.equal(g != 0, expected)
 
 
 def test_spt_cardinal_misses_the_corners():
     torch.manual_seed(0)
-    g = token_gradient_map(ShiftedPatchTokenization(3, 16, 4, directions="cardinal"), torch.rand(3, 32, 32), 27)
+    g = token_gradient_map(ShiftedPatchTokenization(3, 16, 4, directions="cardinal"),
+                           torch.rand(3, 32, 32), 27)
     seen = g != 0
     assert receptive_field_size(g) == 8 and int(seen.sum()) == 16 + 4 * 2 * 4
     assert not seen[10:12, 10:12].any() and seen[12:16, 10:18].all() and seen[10:18, 12:16].all()
@@ -68,13 +74,15 @@ def test_spt_border_token_is_cut_by_the_image_edge():
     torch.manual_seed(0)
     g = token_gradient_map(ShiftedPatchTokenization(3, 16, 4), torch.rand(3, 32, 32), 0)
     expected = torch.zeros(32, 32, dtype=torch.bool)
-    expected[:6, :6] = True                                       # P + s: the zero fill outside carries nothing
+    # P + s: the zero fill outside carries nothing
+    expected[:6, :6] = True
     assert torch.equal(g != 0, expected)
 
 
 def test_measurement_on_a_cnn_matches_the_formula():
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3), Rearrange("b d h w -> b (h w) d"))
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3),
+                        Rearrange("b d h w -> b (h w) d"))
     g = token_gradient_map(cnn, torch.rand(3, 32, 32), 5 * 13 + 6)
     assert receptive_field_size(g) == receptive_field_formula(3, 2, r_trans=3) == 7
 
@@ -93,7 +101,8 @@ def test_receptive_field_size_of_shapes():
     m[2, 3] = 1.0
     assert receptive_field_size(m) == 1
     m[4, 8] = 0.5
-    assert receptive_field_size(m) == 6                           # 3 rows by 6 columns: the longer side
+    # 3 rows by 6 columns: the longer side
+    assert receptive_field_size(m) == 6
 
 
 def test_bad_input_raises_one_line_value_errors():

@@ -1,4 +1,4 @@
-"Shifted Patch Tokenization (chapter 3): shifted copies, S(x) against its definition, S_pool, bad input."
+"Shifted Patch Tokenization (chapter 3): shifted copies, S(x) by its definition, S_pool, bad input."
 import pytest
 import torch
 from einops import rearrange
@@ -81,10 +81,12 @@ def test_spt_pooling_counts_and_class_token_path():
         torch.testing.assert_close(out[:, 0], pool.cls_proj(y[:, 0]))
         y2 = y.clone(); y2[:, 7] += 1.0
         out2 = pool(y2)
-        assert torch.equal(out2[:, 0], out[:, 0])                 # class token unaffected by an image token
+        # class token unaffected by an image token
+        assert torch.equal(out2[:, 0], out[:, 0])
         assert not torch.allclose(out2[:, 1:], out[:, 1:])
         y3 = y.clone(); y3[:, 0] += 1.0
-        assert torch.equal(pool(y3)[:, 1:], out[:, 1:])           # image tokens unaffected by the class token
+        # image tokens unaffected by the class token
+        assert torch.equal(pool(y3)[:, 1:], out[:, 1:])
 
 
 def test_spt_pooling_reshape_matches_patchify_order():

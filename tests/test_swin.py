@@ -1,4 +1,4 @@
-"Swin and SL-Swin (chapter 9): windows, shifted-window mask, LSA in windows, patch merging, the model, FLOPs against the paper, trainer."
+"Swin and SL-Swin (chapter 9): windows, shift mask, LSA, patch merging, model, FLOPs, trainer."
 import math
 import tempfile
 
@@ -9,16 +9,18 @@ from torch import nn
 
 from vitsd_nbdev.lsa import attention_weights
 from vitsd_nbdev.spt import ShiftedPatchTokenization, SPTPooling
-from vitsd_nbdev.swin import (SWIN_VARIANTS, PatchMerging, Swin, SwinConfig, WindowAttention, create_swin,
-                              relative_position_index, shifted_window_mask, window_partition, window_reverse)
+from vitsd_nbdev.swin import (SWIN_VARIANTS, PatchMerging, Swin, SwinConfig, WindowAttention,
+                              create_swin, relative_position_index, shifted_window_mask,
+                              window_partition, window_reverse)
 from vitsd_nbdev.training import TrainConfig, param_groups, train
 from vitsd_nbdev.vit import count_flops, count_params, create_model
 
-SMALL = dict(embed_dim=24, depths=(2, 2, 2), heads=(1, 2, 4))   # three stages like the paper's, narrow
+# three stages like the paper's, narrow
+SMALL = dict(embed_dim=24, depths=(2, 2, 2), heads=(1, 2, 4))
 
 
 def brute_force_window_mask(grid, M, s):
-    "The shifted-window mask from image positions: a pair may attend iff both lie in one window of Swin's shifted partition."
+    "The shifted-window mask from image positions: a pair may attend iff in one shifted window."
     per_side = grid // M
     out = torch.zeros(per_side ** 2, M * M, M * M)
     for w in range(per_side ** 2):
@@ -27,12 +29,13 @@ def brute_force_window_mask(grid, M, s):
         for i, (r1, c1) in enumerate(cells):
             for j, (r2, c2) in enumerate(cells):
                 img1, img2 = ((r1 + s) % grid, (c1 + s) % grid), ((r2 + s) % grid, (c2 + s) % grid)
-                if any((p + M - s) // M != (q + M - s) // M for p, q in zip(img1, img2)): out[w, i, j] = float("-inf")
+                if any((p + M - s) // M != (q + M - s) // M for p, q in zip(img1, img2)):
+                    out[w, i, j] = float("-inf")
     return out
 
 
 def dense_window_attention(x, a: WindowAttention):
-    "Dense attention over the whole map, each query restricted to its own (shifted) window, bias by image offset."
+    "Dense attention over the map, each query kept to its own (shifted) window, bias by offset."
     g, M, s, h = a.grid, a.window_size, a.shift, a.heads
     r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
     pos = torch.stack([r.flatten(), c.flatten()], -1)
@@ -84,7 +87,8 @@ def test_lsa_window_weights_diagonal_zero_and_bias_enters():
     torch.manual_seed(1)
     a = WindowAttention(32, 2, grid=8, window_size=4, shift=2, lsa=True)
     with torch.no_grad():
-        a.relative_position_bias_table.normal_(); a.temperature.set_(torch.empty(a.heads).uniform_(1, 6))
+        a.relative_position_bias_table.normal_()
+        a.temperature.set_(torch.empty(a.heads).uniform_(1, 6))
         x = torch.randn(2, 64, 32)
         _, w = a(x, return_weights=True)                                   # [B, nW, heads, 16, 16]
         assert torch.equal(w.diagonal(dim1=-2, dim2=-1), torch.zeros(2, 4, 2, 16))
@@ -92,8 +96,10 @@ def test_lsa_window_weights_diagonal_zero_and_bias_enters():
         win = window_partition(torch.roll(x.view(2, 8, 8, 32), (-2, -2), (1, 2)), 4)
         q, k, _ = rearrange(a.qkv(win), "b n t (three h d) -> three b n h t d", three=3, h=2)
         bias = a.relative_bias()[None] + a.window_mask[:, None]
-        explicit = torch.stack([attention_weights(q[:, n], k[:, n], a.temperature(), True, bias[n]) for n in range(4)], 1)
-        without_b = torch.stack([attention_weights(q[:, n], k[:, n], a.temperature(), True, a.window_mask[n]) for n in range(4)], 1)
+        explicit = torch.stack([attention_weights(q[:, n], k[:, n], a.temperature(), True, bias[n])
+                                for n in range(4)], 1)
+        without_b = torch.stack([attention_weights(q[:, n], k[:, n], a.temperature(), True,
+                                                   a.window_mask[n]) for n in range(4)], 1)
     assert torch.allclose(w, explicit, atol=1e-6)
     assert (w - without_b).abs().max() > 1e-2
 
@@ -102,9 +108,12 @@ def test_no_query_loses_every_key():
     for size in (32, 64):
         for st in SwinConfig(image_size=size).stages:
             for s in {0, st["shift"]}:
-                WindowAttention(st["dim"], st["heads"], st["grid"], st["window"], s, lsa=True)   # the constructor checks it
-    with pytest.raises(ValueError, match="no key"): WindowAttention(32, 2, grid=8, window_size=2, shift=1, lsa=True)
-    assert not torch.isnan(WindowAttention(32, 2, grid=8, window_size=2, shift=1)(torch.randn(1, 64, 32))).any()
+                # the constructor checks it
+                WindowAttention(st["dim"], st["heads"], st["grid"], st["window"], s, lsa=True)
+    with pytest.raises(ValueError, match="no key"):
+        WindowAttention(32, 2, grid=8, window_size=2, shift=1, lsa=True)
+    plain = WindowAttention(32, 2, grid=8, window_size=2, shift=1)
+    assert not torch.isnan(plain(torch.randn(1, 64, 32))).any()
 
 
 def test_patch_merging_counts_and_order():
@@ -137,7 +146,8 @@ def test_every_parameter_gets_a_gradient_and_tables_skip_weight_decay(name):
     torch.manual_seed(0)
     m = create_model(name, image_size=32, **SMALL)
     nn.functional.cross_entropy(m(torch.randn(3, 3, 32, 32)), torch.arange(3)).backward()
-    assert [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    assert [n for n, p in m.named_parameters()
+            if p.grad is None or not p.grad.abs().sum() > 0] == []
     no_decay = {id(p) for p in param_groups(m, 0.05)[1]["params"]}
     tables = [p for n, p in m.named_parameters() if n.endswith("bias_table")]
     assert len(tables) == 6 and all(id(p) in no_decay for p in tables)
@@ -145,14 +155,20 @@ def test_every_parameter_gets_a_gradient_and_tables_skip_weight_decay(name):
 
 def test_bad_input():
     with pytest.raises(ValueError, match="unknown Swin model"): create_swin("swin_v2")
-    with pytest.raises(ValueError, match="unknown Swin preset"): create_model("sl_swin", preset="huge")
+    with pytest.raises(ValueError, match="unknown Swin preset"):
+        create_model("sl_swin", preset="huge")
     with pytest.raises(ValueError, match="unknown Swin option"): create_model("swin", dim=64)
-    with pytest.raises(ValueError, match="not divisible by window size"): create_model("swin", image_size=40)
+    with pytest.raises(ValueError, match="not divisible by window size"):
+        create_model("swin", image_size=40)
     with pytest.raises(ValueError, match="does not divide"): SwinConfig(image_size=32, patch_size=3)
-    with pytest.raises(ValueError, match="at least 2"): create_model("sl_swin", image_size=16, preset="tiny", patch_size=1)
-    with pytest.raises(ValueError, match="halved"): SwinConfig(image_size=24, patch_size=2, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8))
-    with pytest.raises(ValueError, match="image size"): create_model("swin")(torch.randn(1, 3, 64, 64))
-    with pytest.raises(ValueError, match=r"\[B, 64, 32\]"): WindowAttention(32, 2, 8, 4)(torch.randn(1, 60, 32))
+    with pytest.raises(ValueError, match="at least 2"):
+        create_model("sl_swin", image_size=16, preset="tiny", patch_size=1)
+    with pytest.raises(ValueError, match="halved"):
+        SwinConfig(image_size=24, patch_size=2, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="image size"):
+        create_model("swin")(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"\[B, 64, 32\]"):
+        WindowAttention(32, 2, 8, 4)(torch.randn(1, 60, 32))
 
 
 def test_flops_ratio_matches_the_paper():
@@ -163,8 +179,10 @@ def test_flops_ratio_matches_the_paper():
 
 def test_one_epoch_of_training_on_digits():
     with tempfile.TemporaryDirectory() as d:
-        s = train(TrainConfig(model="sl_swin", preset="tiny", dataset="digits", image_size=16, epochs=1, warmup_epochs=0,
-                              batch_size=256, out_dir=d), progress=False, log=False)
+        s = train(TrainConfig(model="sl_swin", preset="tiny", dataset="digits", image_size=16,
+                              epochs=1, warmup_epochs=0, batch_size=256, out_dir=d),
+                  progress=False, log=False)
     assert s["epochs_done"] == 1
     assert s["final_acc"] > 0.15   # one epoch already learns: chance is 0.1 (measured: 0.24)
-    assert s["params"] == count_params(create_model("sl_swin", image_size=16, preset="tiny", in_chans=1))
+    assert s["params"] == count_params(create_model("sl_swin", image_size=16, preset="tiny",
+                                                    in_chans=1))

@@ -1,5 +1,5 @@
-"""Converting a timm VisionTransformer to its SL form (chapter 9b): shapes, kept weights, the mask, the
-temperatures, equivalence with the original without the mask, refusals, in-place conversion."""
+"""Converting a timm VisionTransformer to its SL form (chapter 9b): shapes, kept weights, the mask,
+the temperatures, equivalence with the original without the mask, refusals, in-place conversion."""
 import copy
 import math
 
@@ -15,15 +15,16 @@ from vitsd_nbdev.vit import create_model  # noqa: E402
 
 
 def small_vit(seed=0, **kw):
-    "A small timm ViT: 16x16 images, 4x4 patches, width 48, 2 blocks of 4 heads (head_dim 12, not a power of 2)."
+    "A small timm ViT: 16x16 images, 4x4 patches, width 48, 2 blocks of 4 heads (head_dim 12: odd)."
     torch.manual_seed(seed)
-    args = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0)
+    args = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=48, depth=2, num_heads=4,
+                mlp_ratio=2.0)
     return VisionTransformer(**{**args, **kw}).eval()
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    "These models are tiny: one thread is fastest, and much faster than two when other processes share the cores."
+    "Tiny models: one thread is fastest, much faster than two when other processes share the cores."
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -44,13 +45,15 @@ def test_in_place_and_shapes(x):
     assert all(isinstance(b.attn, LSAttention) for b in m.blocks)
     assert m(x).shape == out_before == (3, 5)
     assert m.patch_embed(x).shape == (3, 16, 48)
-    assert m.patch_embed.num_patches == 16 and m.patch_embed.grid_size == (4, 4) and m.patch_embed.patch_size == (4, 4)
+    assert m.patch_embed.num_patches == 16 and m.patch_embed.grid_size == (4, 4)
+    assert m.patch_embed.patch_size == (4, 4)
     assert m.forward_features(x).shape == (3, 17, 48)
 
 
 def test_timm_sees_the_same_tokens_shape_from_forward_intermediates(x):
     m = to_sl_vit(small_vit())
-    feats = m.forward_intermediates(x, intermediates_only=True)     # reads patch_embed.dynamic_feat_size
+    # reads patch_embed.dynamic_feat_size
+    feats = m.forward_intermediates(x, intermediates_only=True)
     assert [f.shape for f in feats] == [(3, 48, 4, 4)] * 2
 
 
@@ -61,7 +64,8 @@ def test_weights_kept():
     assert set(before) - set(after) == {"patch_embed.proj.weight", "patch_embed.proj.bias"}
     assert set(after) - set(before) == {"patch_embed.spt.norm.weight", "patch_embed.spt.norm.bias",
                                         "patch_embed.spt.proj.weight", "patch_embed.spt.proj.bias",
-                                        "blocks.0.attn.temperature.scale", "blocks.1.attn.temperature.scale"}
+                                        "blocks.0.attn.temperature.scale",
+                                        "blocks.1.attn.temperature.scale"}
     for k in set(before) & set(after):
         assert torch.equal(before[k], after[k]), k
     assert "blocks.0.attn.qkv.bias" in after and "blocks.0.attn.q_norm.weight" in after
@@ -69,9 +73,11 @@ def test_weights_kept():
 
 def test_switches_separately():
     m = to_sl_vit(small_vit(), spt=False)
-    assert not isinstance(m.patch_embed, SPTPatchEmbed) and all(isinstance(b.attn, LSAttention) for b in m.blocks)
+    assert not isinstance(m.patch_embed, SPTPatchEmbed)
+    assert all(isinstance(b.attn, LSAttention) for b in m.blocks)
     m = to_sl_vit(small_vit(), lsa=False)
-    assert isinstance(m.patch_embed, SPTPatchEmbed) and not any(isinstance(b.attn, LSAttention) for b in m.blocks)
+    assert isinstance(m.patch_embed, SPTPatchEmbed)
+    assert not any(isinstance(b.attn, LSAttention) for b in m.blocks)
     ref = small_vit()
     m = to_sl_vit(small_vit(), spt=False, lsa=False)
     assert m.state_dict().keys() == ref.state_dict().keys()
@@ -88,7 +94,8 @@ def test_parameter_delta():
     n0 = sum(p.numel() for p in m.parameters())
     n1 = sum(p.numel() for p in to_sl_vit(m).parameters())
     C, P, D, depth, heads, V = 3, 4, 48, 2, 4, 5
-    assert n1 - n0 == 2 * V * C * P * P + V * C * P * P * D + D - (C * P * P * D + D) + depth * heads
+    assert n1 - n0 == (2 * V * C * P * P + V * C * P * P * D + D - (C * P * P * D + D)
+                       + depth * heads)
 
 
 def test_temperature_learnable_and_initialised_to_sqrt_head_dim(x):
@@ -148,7 +155,8 @@ def test_attn_mask_passed_through(x):
     m = to_sl_vit(copy.deepcopy(ref), spt=False)
     for b in m.blocks: b.attn.diag_mask = False
     keep = torch.ones(17, 17, dtype=torch.bool); keep[:, -5:] = False
-    torch.testing.assert_close(m.forward_features(x, attn_mask=keep), ref.forward_features(x, attn_mask=keep), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.forward_features(x, attn_mask=keep),
+                               ref.forward_features(x, attn_mask=keep), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="is_causal"):
         m.forward_features(x, is_causal=True)
 
@@ -169,7 +177,8 @@ def test_refusals_leave_the_model_unchanged():
         with pytest.raises(ValueError, match=match):
             to_sl_vit(m)
         after = m.state_dict()
-        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before), match
+        assert after.keys() == before.keys(), match
+        assert all(torch.equal(after[k], before[k]) for k in before), match
     with pytest.raises(ValueError, match="ResNet"):
         to_sl_vit(timm.create_model("resnet18", pretrained=False))
 

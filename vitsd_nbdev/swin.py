@@ -23,63 +23,80 @@ __all__ = ['SWIN_VARIANTS', 'SWIN_PRESETS', 'SwinConfig', 'window_partition', 'w
 # %% ../nbs/09a_swin.ipynb #871078f3
 @dataclass
 class SwinConfig:
-    "Everything needed to build a `Swin`; the defaults are the small-dataset Swin of the paper's official code."
+    "Everything to build a `Swin`; the defaults are the small-dataset Swin of the paper's code."
     image_size: int = 32                 # side of the square input image
     num_classes: int = 10
     in_chans: int = 3
-    patch_size: int | None = None        # None: image_size // 16, a 16×16 token grid (patch 2 at 32 px, 4 at 64 px)
+    patch_size: int | None = None        # None: image_size // 16, a 16×16 token grid (2 at 32 px)
     embed_dim: int = 96                  # width of stage 1; each patch merging doubles it
     depths: tuple[int, ...] = (2, 6, 4)  # blocks per stage
     heads: tuple[int, ...] = (3, 6, 12)  # heads per stage (32 dimensions each with the defaults)
-    window_size: int = 4                 # M; a stage whose map is no larger is one window, not shifted
+    window_size: int = 4                 # M; a map no larger than M is one window, not shifted
     mlp_ratio: float = 2.0               # MLP hidden width / token width
-    drop_path: float = 0.1               # stochastic depth of the last block; rises linearly from 0 over all blocks
-    sl: bool = False                     # SL-Swin: SPT as patch embedding and patch merging, LSA in every window
+    drop_path: float = 0.1               # stochastic depth of the last block; rises linearly from 0
+    sl: bool = False                     # SL-Swin: SPT to embed and merge patches, LSA in windows
 
     def __post_init__(self):
         self.depths, self.heads = tuple(self.depths), tuple(self.heads)
         if self.patch_size is None: self.patch_size = max(1, self.image_size // 16)
         if self.patch_size < 1 or self.image_size % self.patch_size:
-            raise ValueError(f"patch size {self.patch_size} does not divide image size {self.image_size}; pass a patch_size that divides it")
+            raise ValueError(f"patch size {self.patch_size} does not divide image size "
+                             f"{self.image_size}; pass a patch_size that divides it")
         if self.sl and self.patch_size < 2:
-            raise ValueError(f"SPT shifts by patch_size // 2, which is 0 for patch size {self.patch_size}; use a patch size of at least 2")
+            raise ValueError(f"SPT shifts by patch_size // 2, which is 0 for patch size "
+                             f"{self.patch_size}; use a patch size of at least 2")
         if not self.depths or len(self.depths) != len(self.heads):
-            raise ValueError(f"depths {self.depths} and heads {self.heads} must name the same number (at least 1) of stages")
-        if self.window_size < 1: raise ValueError(f"window_size must be at least 1, got {self.window_size}")
-        if not 0 <= self.drop_path < 1: raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+            raise ValueError(f"depths {self.depths} and heads {self.heads} must name the same "
+                             "number (at least 1) of stages")
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be at least 1, got {self.window_size}")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         g, n = self.grid, len(self.depths)
         if g % 2 ** (n - 1):
-            raise ValueError(f"the {g}x{g} token grid (image {self.image_size} / patch {self.patch_size}) cannot be halved {n - 1} times; use an image size divisible by patch_size * {2 ** (n - 1)}")
+            raise ValueError(f"the {g}x{g} token grid (image {self.image_size} / patch "
+                             f"{self.patch_size}) cannot be halved {n - 1} times; use an image "
+                             f"size divisible by patch_size * {2 ** (n - 1)}")
         for i, s in enumerate(self.stages):
             if s["grid"] % s["window"]:
-                raise ValueError(f"stage {i + 1}'s {s['grid']}x{s['grid']} token grid is not divisible by window size {s['window']}; use an image size divisible by patch_size * {2 ** i} * window_size, or another window size")
-            if s["dim"] % s["heads"]: raise ValueError(f"stage {i + 1}'s width {s['dim']} is not divisible by its {s['heads']} heads")
+                raise ValueError(f"stage {i + 1}'s {s['grid']}x{s['grid']} token grid is not "
+                                 f"divisible by window size {s['window']}; use an image size "
+                                 f"divisible by patch_size * {2 ** i} * window_size, or another "
+                                 "window size")
+            if s["dim"] % s["heads"]:
+                raise ValueError(f"stage {i + 1}'s width {s['dim']} is not divisible by its "
+                                 f"{s['heads']} heads")
 
     @property
     def grid(self) -> int: return self.image_size // self.patch_size
 
     @property
     def stages(self) -> list[dict]:
-        "Per stage: token-grid side, width, depth, heads, window size and the shift of its odd blocks."
+        "Per stage: token-grid side, width, depth, heads, window size, shift of its odd blocks."
         out = []
         for i, (depth, heads) in enumerate(zip(self.depths, self.heads)):
             g = self.grid // 2 ** i
-            window = min(self.window_size, g)    # Swin's rule: a map no larger than a window is one window, not shifted
-            out.append(dict(grid=g, dim=self.embed_dim * 2 ** i, depth=depth, heads=heads, window=window, shift=window // 2 if g > window else 0))
+            # Swin's rule: a map no larger than a window is one window, not shifted
+            window = min(self.window_size, g)
+            out.append(dict(grid=g, dim=self.embed_dim * 2 ** i, depth=depth, heads=heads,
+                            window=window, shift=window // 2 if g > window else 0))
         return out
 
 # %% ../nbs/09a_swin.ipynb #59f9f174
 def window_partition(
     x: torch.Tensor,   # token map [B, H, W, C]
     window_size: int,  # M, side of a square window; must divide H and W
-) -> torch.Tensor:     # [B, nW, M*M, C]: windows row-major over the map, tokens row-major inside each window
+) -> torch.Tensor:     # [B, nW, M*M, C]: windows row-major over the map, tokens row-major inside
     "Cut a token map into non-overlapping M×M windows of tokens."
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"expected a token map of shape [B, H, W, C], got {tuple(getattr(x, 'shape', ()))}")
+        raise ValueError("expected a token map of shape [B, H, W, C], got "
+                         f"{tuple(getattr(x, 'shape', ()))}")
     H, W = x.shape[1:3]
     if window_size < 1 or H % window_size or W % window_size:
-        raise ValueError(f"window size {window_size} does not divide the {H}x{W} token map; pick a window size that divides both sides")
-    return rearrange(x, "b (nh m1) (nw m2) c -> b (nh nw) (m1 m2) c", m1=window_size, m2=window_size)
+        raise ValueError(f"window size {window_size} does not divide the {H}x{W} token map; "
+                         "pick a window size that divides both sides")
+    return rearrange(x, "b (nh m1) (nw m2) c -> b (nh nw) (m1 m2) c",
+                     m1=window_size, m2=window_size)
 
 def window_reverse(
     windows: torch.Tensor,  # [B, nW, M*M, C] from `window_partition`
@@ -87,15 +104,18 @@ def window_reverse(
     height: int,            # H, rows of the token map (the width follows from nW)
 ) -> torch.Tensor:          # token map [B, H, W, C]
     "Inverse of `window_partition`: put the windows back on the token map."
-    if not isinstance(windows, torch.Tensor) or windows.ndim != 4 or windows.shape[2] != window_size ** 2 \
+    if not isinstance(windows, torch.Tensor) or windows.ndim != 4 \
+            or windows.shape[2] != window_size ** 2 \
             or height % window_size or windows.shape[1] % (height // window_size):
-        raise ValueError(f"windows of shape {tuple(getattr(windows, 'shape', ()))} do not tile a map of height {height} with window size {window_size}")
-    return rearrange(windows, "b (nh nw) (m1 m2) c -> b (nh m1) (nw m2) c", nh=height // window_size, m1=window_size)
+        raise ValueError(f"windows of shape {tuple(getattr(windows, 'shape', ()))} do not tile a "
+                         f"map of height {height} with window size {window_size}")
+    return rearrange(windows, "b (nh nw) (m1 m2) c -> b (nh m1) (nw m2) c",
+                     nh=height // window_size, m1=window_size)
 
 # %% ../nbs/09a_swin.ipynb #2e02a093
 def relative_position_index(
     window_size: int,  # M
-) -> torch.Tensor:     # [M², M²] long: the row of the (2M−1)² bias table for each (query, key) pair of a window
+) -> torch.Tensor:     # [M², M²] long: the (2M−1)² bias-table row of each (query, key) pair
     "Index into a (2M−1)² relative-position table for every pair of tokens in an M×M window."
     r, c = torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")
     pos = torch.stack([r.flatten(), c.flatten()], -1)   # [M², 2] (row, column) of each token
@@ -107,37 +127,47 @@ def shifted_window_mask(
     grid: int,         # side of the square token map
     window_size: int,  # M, must divide grid
     shift: int,        # s, the cyclic shift, 0 < s < M
-) -> torch.Tensor:     # [nW, M², M²] float: 0 where query and key come from the same region, -inf elsewhere
-    "The additive attention mask of shifted windows: after the cyclic shift, keep attention inside each original region."
+) -> torch.Tensor:     # [nW, M², M²] float: 0 where query and key share a region, -inf elsewhere
+    "Additive mask of shifted windows: after the cyclic shift, attend only within original regions."
     if not 0 < shift < window_size <= grid or grid % window_size:
-        raise ValueError(f"need 0 < shift < window_size <= grid with window_size dividing grid, got grid {grid}, window_size {window_size}, shift {shift}")
+        raise ValueError("need 0 < shift < window_size <= grid with window_size dividing grid, got "
+                         f"grid {grid}, window_size {window_size}, shift {shift}")
     p = torch.arange(grid)
-    band = (p >= grid - window_size).long() + (p >= grid - shift).long()   # 0, 1, 2: the three bands of the rolled map
-    region = (3 * band[:, None] + band[None, :])[None, :, :, None]         # [1, grid, grid, 1] region label of each token
-    r = window_partition(region, window_size)[0, :, :, 0]                   # [nW, M²] labels per window
-    return torch.zeros(r.shape + r.shape[-1:]).masked_fill(r[:, :, None] != r[:, None, :], float("-inf"))
+    # 0, 1, 2: the three bands of the rolled map
+    band = (p >= grid - window_size).long() + (p >= grid - shift).long()
+    # [1, grid, grid, 1] region label of each token
+    region = (3 * band[:, None] + band[None, :])[None, :, :, None]
+    # [nW, M²] labels per window
+    r = window_partition(region, window_size)[0, :, :, 0]
+    different = r[:, :, None] != r[:, None, :]
+    return torch.zeros(r.shape + r.shape[-1:]).masked_fill(different, float("-inf"))
 
 # %% ../nbs/09a_swin.ipynb #4db9d18e
 class WindowAttention(nn.Module):
-    "Multi-head self-attention inside (shifted) M×M windows of a token map, with Swin's relative-position bias and the LSA options."
+    "Multi-head attention in (shifted) M×M windows, Swin's relative-position bias, LSA options."
     def __init__(self,
                  dim: int,           # d, width of the tokens
                  heads: int,         # h; each head has d / h dimensions
                  grid: int,          # side of the square token map
                  window_size: int,   # M, side of a window; must divide grid
-                 shift: int = 0,     # s, cyclic shift of the map before windowing (0: regular windows)
-                 lsa: bool = False,  # Locality Self-Attention: diagonal mask and a learned temperature per head
+                 shift: int = 0,     # s, cyclic shift of the map before windowing (0: regular)
+                 lsa: bool = False,  # Locality Self-Attention: diagonal mask, learned τ per head
                 ):
         super().__init__()
         if dim % heads: raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        if window_size < 1 or grid % window_size: raise ValueError(f"window size {window_size} does not divide the {grid}x{grid} token map")
+        if window_size < 1 or grid % window_size:
+            raise ValueError(f"window size {window_size} does not divide the {grid}x{grid} "
+                             "token map")
         self.dim, self.heads, self.head_dim, self.lsa = dim, heads, dim // heads, lsa
         self.grid, self.window_size, self.shift = grid, window_size, shift
         self.qkv = nn.Linear(dim, 3 * dim)     # Swin keeps the bias of the qkv projection
         self.proj = nn.Linear(dim, dim)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, heads))  # B̂: one value per offset and head
+        # B̂: one value per offset and head
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window_size),
+                             persistent=False)
         mask = shifted_window_mask(grid, window_size, shift) if shift else None
         self.register_buffer("window_mask", mask, persistent=False)
         if lsa:
@@ -145,11 +175,14 @@ class WindowAttention(nn.Module):
             T = window_size ** 2
             keys = torch.ones(1, T, T, dtype=torch.bool) if mask is None else mask == 0
             if not (keys & ~torch.eye(T, dtype=torch.bool)).any(-1).all():
-                raise ValueError(f"with LSA, window size {window_size} and shift {shift} leave a query with no key to attend to (a region of one token); use a window size of at least 4")
+                raise ValueError(f"with LSA, window size {window_size} and shift {shift} leave a "
+                                 "query with no key to attend to (a region of one token); use a "
+                                 "window size of at least 4")
         else: self.temperature = None
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, grid={self.grid}, window_size={self.window_size}, shift={self.shift}, lsa={self.lsa}"
+        return (f"heads={self.heads}, grid={self.grid}, window_size={self.window_size}, "
+                f"shift={self.shift}, lsa={self.lsa}")
 
     @property
     def num_windows(self) -> int: return (self.grid // self.window_size) ** 2
@@ -157,7 +190,8 @@ class WindowAttention(nn.Module):
     def relative_bias(self) -> torch.Tensor:  # [heads, M², M²]
         "The relative-position bias B of every (query, key) pair of a window, per head."
         T = self.window_size ** 2
-        return self.relative_position_bias_table[self.relative_position_index.flatten()].view(T, T, self.heads).permute(2, 0, 1)
+        table = self.relative_position_bias_table[self.relative_position_index.flatten()]
+        return table.view(T, T, self.heads).permute(2, 0, 1)
 
     def logit_bias(self) -> torch.Tensor:  # [nW, heads, M², M²]
         "What is added to the logits of each window and head: B plus the shifted-window mask."
@@ -166,27 +200,34 @@ class WindowAttention(nn.Module):
 
     def forward(self,
                 x: torch.Tensor,              # tokens [B, N, d], N = grid², row-major
-                return_weights: bool = False, # also return the attention weights [B, nW, heads, M², M²] (explicit, slower)
+                return_weights: bool = False, # also return weights [B, nW, heads, M², M²] (slower)
                ):                             # [B, N, d]; with return_weights also the weights
         "Roll, cut into windows, attend inside each window, put the windows back, roll back."
         g, M, s, nW = self.grid, self.window_size, self.shift, self.num_windows
-        if not isinstance(x, torch.Tensor) or x.ndim != 3 or tuple(x.shape[1:]) != (g * g, self.dim):
-            raise ValueError(f"expected tokens of shape [B, {g * g}, {self.dim}] (a {g}x{g} map), got {tuple(getattr(x, 'shape', ()))}")
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 \
+                or tuple(x.shape[1:]) != (g * g, self.dim):
+            raise ValueError(f"expected tokens of shape [B, {g * g}, {self.dim}] (a {g}x{g} map), "
+                             f"got {tuple(getattr(x, 'shape', ()))}")
         z = x.view(x.shape[0], g, g, self.dim)
         if s: z = torch.roll(z, shifts=(-s, -s), dims=(1, 2))
-        q, k, v = rearrange(self.qkv(window_partition(z, M)), "b n t (three h d) -> three b (n h) t d", three=3, h=self.heads)
-        bias = self.logit_bias().reshape(1, nW * self.heads, M * M, M * M)   # 4-D: SDPA's fused CPU kernel needs a 4-D mask
-        tau = self.temperature().repeat(nW) if self.lsa else math.sqrt(self.head_dim)   # windows are heads: τ once per window
-        out = rearrange(locality_attention(q, k, v, tau, self.lsa, bias), "b (n h) t d -> b n t (h d)", h=self.heads)
+        q, k, v = rearrange(self.qkv(window_partition(z, M)),
+                            "b n t (three h d) -> three b (n h) t d", three=3, h=self.heads)
+        # 4-D: SDPA's fused CPU kernel needs a 4-D mask
+        bias = self.logit_bias().reshape(1, nW * self.heads, M * M, M * M)
+        # windows are heads: τ once per window
+        tau = self.temperature().repeat(nW) if self.lsa else math.sqrt(self.head_dim)
+        out = rearrange(locality_attention(q, k, v, tau, self.lsa, bias),
+                        "b (n h) t d -> b n t (h d)", h=self.heads)
         z = window_reverse(self.proj(out), M, g)
         if s: z = torch.roll(z, shifts=(s, s), dims=(1, 2))
         out = z.reshape(x.shape)
         if not return_weights: return out
-        return out, rearrange(attention_weights(q, k, tau, self.lsa, bias), "b (n h) t u -> b n h t u", h=self.heads)
+        return out, rearrange(attention_weights(q, k, tau, self.lsa, bias),
+                              "b (n h) t u -> b n h t u", h=self.heads)
 
 # %% ../nbs/09a_swin.ipynb #427a2c15
 class PatchMerging(nn.Module):
-    "Swin's patch merging: concatenate each 2×2 block of tokens, LayerNorm, Linear without bias to the new width."
+    "Swin's patch merging: concatenate each 2×2 block of tokens, LayerNorm, Linear without bias."
     def __init__(self,
                  in_dim: int,   # d of the incoming tokens
                  out_dim: int,  # width of the merged tokens (Swin doubles it)
@@ -195,17 +236,19 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * in_dim)
         self.reduction = nn.Linear(4 * in_dim, out_dim, bias=False)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:  # tokens [B, N, in_dim] -> [B, N/4, out_dim]
+    def forward(self, y: torch.Tensor) -> torch.Tensor:  # [B, N, in_dim] -> [B, N/4, out_dim]
         if not isinstance(y, torch.Tensor) or y.ndim != 3:
-            raise ValueError(f"expected tokens of shape [B, N, d], got {tuple(getattr(y, 'shape', ()))}")
+            raise ValueError("expected tokens of shape [B, N, d], got "
+                             f"{tuple(getattr(y, 'shape', ()))}")
         h = math.isqrt(y.shape[1])
         if h * h != y.shape[1] or h % 2:
-            raise ValueError(f"{y.shape[1]} tokens do not form a square grid of even side; patch merging needs N = h*h with h even")
+            raise ValueError(f"{y.shape[1]} tokens do not form a square grid of even side; "
+                             "patch merging needs N = h*h with h even")
         return self.reduction(self.norm(patchify(rearrange(y, "b (h w) d -> b d h w", h=h), 2)))
 
 # %% ../nbs/09a_swin.ipynb #f3db63f7
 class SwinBlock(Block):
-    "A Swin block: chapter 5's pre-norm `Block` with (shifted-)window attention in place of global attention."
+    "A Swin block: chapter 5's pre-norm `Block` with (shifted-)window attention instead of global."
     def __init__(self,
                  dim: int, heads: int, mlp_hidden: int,
                  grid: int,               # side of the token map
@@ -220,29 +263,35 @@ class SwinBlock(Block):
 # %% ../nbs/09a_swin.ipynb #6f24a645
 SWIN_VARIANTS = {"swin": dict(sl=False), "sl_swin": dict(sl=True)}
 SWIN_PRESETS = {  # None (no preset) is the paper's model
-    "tiny": dict(patch_size=2, embed_dim=32, depths=(2, 2), heads=(2, 4), drop_path=0.0),  # CPU tests and demos: 16×16 digits -> 8×8 tokens
+    # CPU tests and demos: 16×16 digits -> 8×8 tokens
+    "tiny": dict(patch_size=2, embed_dim=32, depths=(2, 2), heads=(2, 4), drop_path=0.0),
 }
 
 class Swin(nn.Module):
-    "A small Swin Transformer (Liu et al. 2021) as in the paper's experiments; `config.sl` makes it SL-Swin."
+    "A small Swin Transformer (Liu et al. 2021) as in the paper; `config.sl` makes it SL-Swin."
     def __init__(self, config: SwinConfig):
         super().__init__()
         self.config = c = config
         if c.sl: tokenizer = ShiftedPatchTokenization(c.in_chans, c.embed_dim, c.patch_size)
-        else: tokenizer = nn.Sequential(PatchTokenization(c.in_chans, c.embed_dim, c.patch_size), nn.LayerNorm(c.embed_dim))
-        self.embed = PatchEmbedding(tokenizer, c.grid ** 2, c.embed_dim, cls_token=False)   # + absolute position embedding
+        else: tokenizer = nn.Sequential(PatchTokenization(c.in_chans, c.embed_dim, c.patch_size),
+                                        nn.LayerNorm(c.embed_dim))
+        # + absolute position embedding
+        self.embed = PatchEmbedding(tokenizer, c.grid ** 2, c.embed_dim, cls_token=False)
         rates = iter(torch.linspace(0, c.drop_path, sum(c.depths)).tolist())
         self.stages, self.merges = nn.ModuleList(), nn.ModuleList()
         for i, s in enumerate(c.stages):
             self.stages.append(nn.Sequential(*[
-                SwinBlock(s["dim"], s["heads"], int(s["dim"] * c.mlp_ratio), s["grid"], s["window"], s["shift"] if j % 2 else 0, next(rates), c.sl)
+                SwinBlock(s["dim"], s["heads"], int(s["dim"] * c.mlp_ratio), s["grid"], s["window"],
+                          s["shift"] if j % 2 else 0, next(rates), c.sl)
                 for j in range(s["depth"])]))
             if i < len(c.stages) - 1:
-                self.merges.append(SPTPooling(s["dim"], 2 * s["dim"], merge_size=2, cls_token=False) if c.sl else PatchMerging(s["dim"], 2 * s["dim"]))
+                if c.sl: merge = SPTPooling(s["dim"], 2 * s["dim"], merge_size=2, cls_token=False)
+                else: merge = PatchMerging(s["dim"], 2 * s["dim"])
+                self.merges.append(merge)
         self.norm = nn.LayerNorm(c.stages[-1]["dim"])
         self.head = classifier(c.stages[-1]["dim"], c.num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> tokens [B, N_last, d_last]
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # images -> last tokens [B, N, d]
         "The tokens after the last stage."
         z = self.embed(x)
         for i, stage in enumerate(self.stages):
@@ -255,7 +304,7 @@ class Swin(nn.Module):
         x = self.norm(z).mean(1)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> logits [B, num_classes]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> logits [B, num_classes]
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int):  # 0: none, the model returns pooled features
@@ -274,10 +323,16 @@ def create_swin(
     preset: str | None = None,  # "tiny" for CPU demos; None: the paper's configuration
     **overrides,
 ) -> Swin:
-    "Build Swin or SL-Swin by name, `overrides` setting other `SwinConfig` fields (in_chans, patch_size, drop_path, ...); `create_model` calls it."
-    if name not in SWIN_VARIANTS: raise ValueError(f"unknown Swin model {name!r}; choose one of {sorted(SWIN_VARIANTS)}")
-    if preset is not None and preset not in SWIN_PRESETS: raise ValueError(f"unknown Swin preset {preset!r}; choose one of {sorted(SWIN_PRESETS)} or None")
+    "Build Swin or SL-Swin by name; `overrides` set `SwinConfig` fields. `create_model` calls it."
+    if name not in SWIN_VARIANTS:
+        raise ValueError(f"unknown Swin model {name!r}; choose one of {sorted(SWIN_VARIANTS)}")
+    if preset is not None and preset not in SWIN_PRESETS:
+        raise ValueError(f"unknown Swin preset {preset!r}; choose one of {sorted(SWIN_PRESETS)} "
+                         "or None")
     fields = set(SwinConfig.__dataclass_fields__) - {"sl", "image_size", "num_classes"}
-    if set(overrides) - fields: raise ValueError(f"unknown Swin option(s) {sorted(set(overrides) - fields)}; choose from {sorted(fields)} (SPT+LSA is chosen by the name)")
+    if set(overrides) - fields:
+        raise ValueError(f"unknown Swin option(s) {sorted(set(overrides) - fields)}; choose from "
+                         f"{sorted(fields)} (SPT+LSA is chosen by the name)")
     base = SWIN_PRESETS[preset] if preset else {}
-    return Swin(SwinConfig(**{**base, **overrides, "image_size": image_size, "num_classes": num_classes, **SWIN_VARIANTS[name]}))
+    return Swin(SwinConfig(**{**base, **overrides, "image_size": image_size,
+                              "num_classes": num_classes, **SWIN_VARIANTS[name]}))

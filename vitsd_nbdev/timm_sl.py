@@ -17,75 +17,98 @@ __all__ = ['SPTPatchEmbed', 'LSAttention', 'to_sl_vit', 'register_timm_models']
 
 # %% ../nbs/09b_timm.ipynb #96a32950
 def _is_timm(obj, name: str, modules: tuple[str, ...]) -> bool:
-    "True if `obj` is an instance of timm's class `name` defined in one of `modules` (or of a subclass), checked by name so timm need not be imported."
+    "Is `obj` a (subclass) instance of timm's class `name` from `modules`? By name: no timm import."
     return any(c.__name__ == name and c.__module__ in modules for c in type(obj).__mro__)
 
 class SPTPatchEmbed(nn.Module):
-    "Shifted Patch Tokenization in the place of a timm `PatchEmbed`: the same [B, N, D] tokens in the same order, with the attributes timm reads."
+    "SPT in place of a timm `PatchEmbed`: same [B, N, D] tokens and order, attributes timm reads."
     def __init__(self,
-                 patch_embed: nn.Module,        # the timm `PatchEmbed` to replace; its image size, channels, width and output norm are kept
-                 shift: int | None = None,      # s, pixels to shift; None means P // 2 as in the paper
-                 directions: str = "diagonal",  # a key of `SHIFT_DIRECTIONS`: "diagonal", "cardinal" or "all"
+                 patch_embed: nn.Module,        # timm `PatchEmbed` to replace; its sizes, norm kept
+                 shift: int | None = None,      # s, pixels to shift; None: P // 2 as in the paper
+                 directions: str = "diagonal",  # `SHIFT_DIRECTIONS` key: diagonal, cardinal or all
                 ):
         super().__init__()
         if not _is_timm(patch_embed, "PatchEmbed", ("timm.layers.patch_embed",)):
-            raise ValueError(f"expected timm's PatchEmbed (timm.layers.PatchEmbed), got {type(patch_embed).__name__}; hybrid and other patch embeddings are not supported")
+            raise ValueError("expected timm's PatchEmbed (timm.layers.PatchEmbed), got "
+                             f"{type(patch_embed).__name__}; hybrid and other patch embeddings are "
+                             "not supported")
         P, P2 = patch_embed.patch_size
-        if P != P2: raise ValueError(f"SPT needs square patches, this embedding has {P}x{P2} patches; build the timm model with a square patch_size")
+        if P != P2:
+            raise ValueError(f"SPT needs square patches, this embedding has {P}x{P2} patches; "
+                             "build the timm model with a square patch_size")
         if patch_embed.img_size is None or not patch_embed.flatten or patch_embed.dynamic_img_pad:
-            raise ValueError("only a fixed-size PatchEmbed with [B, N, D] output is supported; build the timm model with img_size set and without dynamic_img_size/dynamic_img_pad")
+            raise ValueError("only a fixed-size PatchEmbed with [B, N, D] output is supported; "
+                             "build the timm model with img_size set and without "
+                             "dynamic_img_size/dynamic_img_pad")
         H, W = patch_embed.img_size
-        if H % P or W % P: raise ValueError(f"patch size {P} does not divide img_size {H}x{W}; SPT tokenizes whole patches only, pick an img_size that is a multiple of {P}")
+        if H % P or W % P:
+            raise ValueError(f"patch size {P} does not divide img_size {H}x{W}; SPT tokenizes "
+                             f"whole patches only, pick an img_size that is a multiple of {P}")
         conv = patch_embed.proj
         self.img_size, self.patch_size = patch_embed.img_size, patch_embed.patch_size
         self.grid_size, self.num_patches = patch_embed.grid_size, patch_embed.num_patches
-        self.spt = ShiftedPatchTokenization(conv.in_channels, conv.out_channels, P, shift, directions).to(conv.weight.device, conv.weight.dtype)
-        self.norm = patch_embed.norm    # timm's optional norm of the output tokens (usually Identity), kept with its weights
+        self.spt = ShiftedPatchTokenization(conv.in_channels, conv.out_channels, P, shift,
+                                            directions).to(conv.weight.device, conv.weight.dtype)
+        # timm's optional norm of the output tokens (usually Identity), kept with its weights
+        self.norm = patch_embed.norm
         self.train(patch_embed.training)
 
-    def feat_ratio(self, as_scalar: bool = True): return self.patch_size[0] if as_scalar else self.patch_size
-    def dynamic_feat_size(self, img_size): return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+    def feat_ratio(self, as_scalar: bool = True):
+        return self.patch_size[0] if as_scalar else self.patch_size
+    def dynamic_feat_size(self, img_size):
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> tokens [B, N, D], row by row like timm's
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images -> tokens [B, N, D], row by row
         if x.ndim != 4 or tuple(x.shape[-2:]) != tuple(self.img_size):
-            raise ValueError(f"expected images [B, C, {self.img_size[0]}, {self.img_size[1]}] (the model's img_size), got {tuple(x.shape)}")
+            raise ValueError(f"expected images [B, C, {self.img_size[0]}, {self.img_size[1]}] "
+                             f"(the model's img_size), got {tuple(x.shape)}")
         return self.norm(self.spt(x))
 
 # %% ../nbs/09b_timm.ipynb #f35456f6
-_TIMM_ATTENTION = ("timm.layers.attention", "timm.models.vision_transformer")  # where timm defines `Attention` (newer, older 1.0.x)
+# where timm defines `Attention` (newer, older 1.0.x)
+_TIMM_ATTENTION = ("timm.layers.attention", "timm.models.vision_transformer")
 
 class LSAttention(nn.Module):
-    "Locality Self-Attention in the place of a timm `Attention`, keeping its weights: diagonal mask and a learned temperature per head, initialised to timm's 1/scale = √head_dim."
+    "LSA in place of a timm `Attention`, its weights kept: diagonal mask, τ per head from √d."
     def __init__(self,
-                 attn: nn.Module,        # the timm `Attention` to replace; its qkv (with bias), q/k norms, output norm, gate and proj are taken over
-                 diag_mask: bool = True, # exclude each token's relation with itself (the paper's R^M)
+                 attn: nn.Module,        # timm `Attention` to replace; qkv, norms, gate, proj kept
+                 diag_mask: bool = True, # exclude each token's relation with itself (paper's R^M)
                 ):
         super().__init__()
         if type(attn).__name__ != "Attention" or type(attn).__module__ not in _TIMM_ATTENTION:
-            raise ValueError(f"expected timm's Attention (timm.layers.Attention), got {type(attn).__name__}; other attention layers are not supported")
+            raise ValueError("expected timm's Attention (timm.layers.Attention), got "
+                             f"{type(attn).__name__}; other attention layers are not supported")
         if attn.attn_drop.p > 0:
-            raise ValueError(f"attention dropout ({attn.attn_drop.p}) is not supported by the fused LSA kernel; build the timm model with attn_drop_rate=0")
+            raise ValueError(f"attention dropout ({attn.attn_drop.p}) is not supported by the "
+                             "fused LSA kernel; build the timm model with attn_drop_rate=0")
         self.num_heads, self.head_dim, self.diag_mask = attn.num_heads, attn.head_dim, diag_mask
-        self.qkv, self.q_norm, self.k_norm, self.proj, self.proj_drop = attn.qkv, attn.q_norm, attn.k_norm, attn.proj, attn.proj_drop
-        self.norm, self.gate = getattr(attn, "norm", nn.Identity()), getattr(attn, "gate", None)   # absent in older timm
+        self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
+        self.proj, self.proj_drop = attn.proj, attn.proj_drop
+        # absent in older timm
+        self.norm, self.gate = getattr(attn, "norm", nn.Identity()), getattr(attn, "gate", None)
         w = attn.qkv.weight
-        self.temperature = LearnedTemperature(self.num_heads, self.head_dim).to(w.device, w.dtype)  # τ = 1/timm's scale
+        # τ = 1/timm's scale
+        self.temperature = LearnedTemperature(self.num_heads, self.head_dim).to(w.device, w.dtype)
         self.train(attn.training)
 
-    def extra_repr(self) -> str: return f"heads={self.num_heads}, head_dim={self.head_dim}, diag_mask={self.diag_mask}"
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, diag_mask={self.diag_mask}"
 
     def _qkv(self, x):
-        "Queries, keys and values [B, heads, N, head_dim], as timm computes them (q/k norms included)."
+        "Queries, keys and values [B, heads, N, head_dim] as timm computes them (q/k norms too)."
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
     def forward(self,
                 x: torch.Tensor,                        # tokens [B, N, dim]
-                attn_mask: torch.Tensor | None = None,  # timm's optional mask: boolean (True = may attend) or additive, broadcastable to [B, heads, N, N]
-                is_causal: bool = False,                # not supported: with the diagonal mask the first token would see nothing
+                attn_mask: torch.Tensor | None = None,  # boolean (True: may attend) or additive
+                is_causal: bool = False,                # unsupported: token 0 would see nothing
                ) -> torch.Tensor:                       # [B, N, dim]
-        if is_causal: raise ValueError("LSAttention does not support is_causal: with the diagonal mask the first token would have nothing to attend to")
+        if is_causal:
+            raise ValueError("LSAttention does not support is_causal: with the diagonal mask the "
+                             "first token would have nothing to attend to")
         B, N, _ = x.shape
         q, k, v = self._qkv(x)
         bias = attn_mask
@@ -96,34 +119,44 @@ class LSAttention(nn.Module):
         if self.gate is not None: out = out * self.gate(x).sigmoid()
         return self.proj_drop(self.proj(out))
 
-    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:  # tokens [B, N, dim] -> probabilities [B, heads, N, N]
-        "This layer's attention probabilities for tokens `x`, computed explicitly (for checks and plots)."
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, dim] -> [B, heads, N, N]
+        "This layer's attention probabilities for tokens `x`, computed explicitly (checks, plots)."
         q, k, _ = self._qkv(x)
-        return attention_weights(q, k, self.temperature(), self.diag_mask)   # the lsa module's function
+        # the lsa module's function
+        return attention_weights(q, k, self.temperature(), self.diag_mask)
 
 # %% ../nbs/09b_timm.ipynb #412df91d
 def to_sl_vit(
-    model: nn.Module,              # a timm `VisionTransformer`, e.g. from `timm.create_model("vit_tiny_patch16_224", ...)`
-    spt: bool = True,              # replace the patch embedding by Shifted Patch Tokenization (new, randomly initialised weights)
-    lsa: bool = True,              # make every block's attention Locality Self-Attention (weights kept, one τ per head added)
+    model: nn.Module,              # a timm `VisionTransformer`, e.g. from `timm.create_model(...)`
+    spt: bool = True,              # patch embedding -> SPT (new, randomly initialised weights)
+    lsa: bool = True,              # every block's attention -> LSA (weights kept, one τ per head)
     shift: int | None = None,      # SPT shift in pixels; None: patch_size // 2
     directions: str = "diagonal",  # SPT shift strategy: "diagonal", "cardinal" or "all"
 ) -> nn.Module:                    # the same `model`, converted in place
-    "Convert a timm VisionTransformer in place to its SL form: SPT as the patch embedding, LSA in every block, all other weights kept."
+    "Convert a timm VisionTransformer in place to SL: SPT patch embedding, LSA in every block."
     if not _is_timm(model, "VisionTransformer", ("timm.models.vision_transformer",)):
-        raise ValueError(f"expected a timm VisionTransformer (timm.models.vision_transformer), got {type(model).__name__}; other model families are not supported")
+        raise ValueError("expected a timm VisionTransformer (timm.models.vision_transformer), got "
+                         f"{type(model).__name__}; other model families are not supported")
     new_embed, new_attn = None, []
     if spt:
-        if isinstance(model.patch_embed, SPTPatchEmbed): raise ValueError("the patch embedding is already SPT; convert with spt=False")
-        if model.dynamic_img_size: raise ValueError("dynamic_img_size=True is not supported with SPT; build the timm model with a fixed img_size")
+        if isinstance(model.patch_embed, SPTPatchEmbed):
+            raise ValueError("the patch embedding is already SPT; convert with spt=False")
+        if model.dynamic_img_size:
+            raise ValueError("dynamic_img_size=True is not supported with SPT; build the timm "
+                             "model with a fixed img_size")
         new_embed = SPTPatchEmbed(model.patch_embed, shift, directions)
     if lsa:
         for i, block in enumerate(model.blocks):
             attn = getattr(block, "attn", None)
-            if isinstance(attn, LSAttention): raise ValueError(f"block {i} already has LSA; convert with lsa=False")
-            if attn is None: raise ValueError(f"block {i} ({type(block).__name__}) has no `attn` layer; only blocks with timm's Attention (e.g. Block, ResPostBlock) are supported")
+            if isinstance(attn, LSAttention):
+                raise ValueError(f"block {i} already has LSA; convert with lsa=False")
+            if attn is None:
+                raise ValueError(f"block {i} ({type(block).__name__}) has no `attn` layer; only "
+                                 "blocks with timm's Attention (e.g. Block, ResPostBlock) are "
+                                 "supported")
             new_attn.append(LSAttention(attn))
-    if new_embed is not None: model.patch_embed = new_embed       # every check passed: change the model
+    # every check passed: change the model
+    if new_embed is not None: model.patch_embed = new_embed
     for block, attn in zip(model.blocks, new_attn): block.attn = attn
     return model
 
