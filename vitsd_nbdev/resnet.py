@@ -18,8 +18,8 @@ class CifarResNet(nn.Module):
     "He et al.'s CIFAR ResNet (depth 6n + 2) from torchvision's `BasicBlock`, any input size."
     def __init__(self,
                  blocks_per_stage: int = 3,  # n: 3 gives ResNet-20
-                 num_classes: int = 10,
-                 in_chans: int = 3,
+                 num_classes: int = 10,      # outputs of the classifier head
+                 in_chans: int = 3,          # channels of the input images
                  width: int = 16,            # channels of the first stage (doubled per stage)
                 ):
         super().__init__()
@@ -49,10 +49,10 @@ class CifarResNet(nn.Module):
 
 def create_resnet(
     name: str,                  # a `RESNET_MODELS` name, e.g. "resnet20"
-    num_classes: int = 10,
+    num_classes: int = 10,      # outputs of the classifier head
     image_size: int = 32,       # unused: any size works (global pooling); `create_model` passes it
     preset: str | None = None,  # ResNets have no presets: None
-    in_chans: int = 3,
+    in_chans: int = 3,          # channels of the input images
     **overrides,                # `width`; a ViT option (patch_size, drop_path, ...) is refused
 ) -> CifarResNet:
     "Build a CIFAR ResNet by name (what `create_model` calls for these names)."
