@@ -88,8 +88,8 @@ class SPTPooling(nn.Module):
         self.cls_proj = nn.Linear(in_dim, out_dim) if cls_token else None   # E_cls
 
     def forward(self,
-                y: torch.Tensor,  # tokens [B, (1)+N, in_dim]
-               ) -> torch.Tensor: # [B, (1)+N/merge_size², out_dim]
+                y: torch.Tensor,   # tokens [B, (1)+N, in_dim]
+               ) -> torch.Tensor:  # [B, (1)+N/merge_size², out_dim]
         if y.ndim != 3:
             raise ValueError(f"expected tokens of shape [B, N, d], got {tuple(y.shape)}")
         cls, tokens = (y[:, :1], y[:, 1:]) if self.cls_proj is not None else (None, y)
