@@ -22,46 +22,52 @@ __all__ = ['PAPER_RESULTS', 'NAMES', 'token_positions', 'attention_distance', 'l
 
 # %% ../nbs/08_experiments.ipynb #53993930
 def _check_maps(weights, cls_token: bool) -> int:
-    "Side of the token grid of attention weights [..., N(+1), N(+1)]; one-line ValueError if they do not fit one."
-    if not isinstance(weights, torch.Tensor) or weights.ndim < 2 or weights.shape[-1] != weights.shape[-2]:
-        raise ValueError(f"expected attention weights [..., N, N], got shape {tuple(getattr(weights, 'shape', ()))}")
+    "Side of the token grid of weights [..., N(+1), N(+1)]; a one-line ValueError if there is none."
+    if (not isinstance(weights, torch.Tensor) or weights.ndim < 2
+            or weights.shape[-1] != weights.shape[-2]):
+        raise ValueError(f"expected attention weights [..., N, N], "
+                         f"got shape {tuple(getattr(weights, 'shape', ()))}")
     n = weights.shape[-1] - int(cls_token)
     side = math.isqrt(max(n, 0))
     if n < 1 or side * side != n:
-        raise ValueError(f"{weights.shape[-1]} tokens{' minus the class token' if cls_token else ''} do not make a square grid; pass cls_token={not cls_token} if the class token is {'absent' if cls_token else 'present'}")
+        raise ValueError(f"{weights.shape[-1]} tokens"
+                         f"{' minus the class token' if cls_token else ''} "
+                         f"do not make a square grid; pass cls_token={not cls_token} "
+                         f"if the class token is {'absent' if cls_token else 'present'}")
     return side
 
 def token_positions(
     side: int,             # the token grid is side × side
     patch_size: int = 1,   # pixels per token along each axis
-) -> torch.Tensor:         # [side*side, 2] (row, column) of each token's patch centre, in pixels, row-major like `patchify`
+) -> torch.Tensor:         # [side², 2] (row, column) of patch centres, in pixels, `patchify` order
     "Pixel coordinates of the patch tokens' centres, in the order `patchify` produces them."
     r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     return torch.stack([r.flatten(), c.flatten()], -1).double() * patch_size
 
 def _spatial(weights, cls_token: bool) -> torch.Tensor:
-    "Patch-to-patch part of attention weights: class-token row and column dropped, rows renormalised over the N patch keys."
+    "Patch-to-patch attention: class-token row and column dropped, rows renormalised over patches."
     w = weights[..., 1:, 1:] if cls_token else weights
     w = w.double()
     return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
 def attention_distance(
-    weights: torch.Tensor,  # attention weights [..., N+1, N+1] (or [..., N, N] with cls_token=False), rows summing to 1
+    weights: torch.Tensor,  # [..., N+1, N+1] (or [..., N, N] if cls_token=False), rows summing to 1
     patch_size: int,        # pixels per token, to express the distance in pixels
     cls_token: bool = True, # the first token is a class token: its row and column are left out
 ) -> torch.Tensor:          # [...]: mean over patch queries of Σ_j a_ij ‖p_i − p_j‖, in pixels
-    "Mean attention distance: how far, in pixels, each patch token looks, weighted by its attention to the other patches."
+    "Mean attention distance: how far, in pixels, each patch token looks, weighted by attention."
     side = _check_maps(weights, cls_token)
     pos = token_positions(side, patch_size).to(weights.device)
-    dist = torch.cdist(pos, pos)                                   # [N, N] Euclidean distances between patch centres
+    # [N, N] Euclidean distances between patch centres
+    dist = torch.cdist(pos, pos)
     return (_spatial(weights, cls_token) * dist).sum(-1).mean(-1)
 
 # %% ../nbs/08_experiments.ipynb #78a89af6
 def locality_shares(
-    weights: torch.Tensor,  # attention weights [..., N+1, N+1] (or [..., N, N] with cls_token=False)
+    weights: torch.Tensor,  # attention weights [..., N+1, N+1] (or [..., N, N] if cls_token=False)
     cls_token: bool = True, # the first token is a class token: its row and column are left out
-) -> tuple[torch.Tensor, torch.Tensor]:  # (self share, neighbour share), each [...], averaged over patch queries
-    "Share of each patch token's attention (over patch keys) kept on itself and on its 8 grid neighbours."
+) -> tuple[torch.Tensor, torch.Tensor]:  # (self, neighbours) share, each [...], mean over queries
+    "Share of each patch token's attention (over patch keys) on itself and its 8 grid neighbours."
     side = _check_maps(weights, cls_token)
     pos = token_positions(side).to(weights.device)
     cheb = (pos[:, None] - pos[None]).abs().amax(-1)               # Chebyshev distance in tokens
@@ -70,15 +76,17 @@ def locality_shares(
 
 # %% ../nbs/08_experiments.ipynb #40505b7c
 def attention_stats(
-    maps: list[torch.Tensor],  # one [B, heads, N+1, N+1] tensor per block, e.g. from `ViT.attention_maps`
+    maps: list[torch.Tensor],  # one [B, heads, N+1, N+1] per block, e.g. from `ViT.attention_maps`
     patch_size: int,           # pixels per token
-) -> dict[str, torch.Tensor]:  # entropy, distance, self, neighbours: each [depth, heads], averaged over images
+) -> dict[str, torch.Tensor]:  # entropy, distance, self, neighbours: [depth, heads], image mean
     "Per-layer, per-head locality statistics of a model's attention over a batch of images."
     if not maps: raise ValueError("expected a non-empty list of attention maps, one per block")
-    ent = torch.stack([attention_entropy(m.double()).mean((0, -1)) for m in maps])   # all query rows, class token included
+    # all query rows, class token included
+    ent = torch.stack([attention_entropy(m.double()).mean((0, -1)) for m in maps])
     dist = torch.stack([attention_distance(m, patch_size).mean(0) for m in maps])
     own, nb = zip(*[locality_shares(m) for m in maps])
-    return dict(entropy=ent, distance=dist, self=torch.stack(own).mean(1), neighbours=torch.stack(nb).mean(1))
+    return dict(entropy=ent, distance=dist, self=torch.stack(own).mean(1),
+                neighbours=torch.stack(nb).mean(1))
 
 def temperatures(
     model: nn.Module,  # a `ViT`
@@ -87,40 +95,43 @@ def temperatures(
     rows = []
     for b in model.blocks:
         a = b.attn
-        rows.append(a.temperature().detach().cpu().double() if a.temperature is not None else torch.full((a.heads,), math.sqrt(a.head_dim), dtype=torch.float64))
+        rows.append(a.temperature().detach().cpu().double() if a.temperature is not None
+                    else torch.full((a.heads,), math.sqrt(a.head_dim), dtype=torch.float64))
     return torch.stack(rows)
 
 # %% ../nbs/08_experiments.ipynb #a8981ce2
 def _cls_grid(w: torch.Tensor, side: int) -> torch.Tensor:
-    "The class token's row of [B, N+1, N+1] weights over the patch tokens, renormalised, as a [B, side, side] grid."
+    "The class token's row of [B, N+1, N+1] weights over the patches, renormalised, as a grid."
     row = w[:, 0, 1:]
     return (row / row.sum(-1, keepdim=True).clamp_min(1e-12)).reshape(-1, side, side)
 
 def cls_attention(
     maps: list[torch.Tensor],  # one [B, heads, N+1, N+1] tensor per block
     layer: int = -1,           # which block
-) -> torch.Tensor:             # [B, side, side]: the class token's head-averaged attention over the patches, summing to 1
-    "Where the class token looks in one block: its attention row over the patch tokens, averaged over heads."
+) -> torch.Tensor:             # [B, side, side]: head-averaged class-token attention, summing to 1
+    "Where the class token looks in one block: its attention over the patches, averaged over heads."
     if not maps: raise ValueError("expected a non-empty list of attention maps, one per block")
     return _cls_grid(maps[layer].double().mean(1), _check_maps(maps[layer], True))
 
 def attention_rollout(
     maps: list[torch.Tensor],  # one [B, heads, N(+1), N(+1)] tensor per block, first block first
-) -> torch.Tensor:             # [B, N(+1), N(+1)]: how much each output token draws on each input token
-    "Attention rollout (Abnar & Zuidema 2020): per block, average the heads, add the identity (the residual), renormalise rows; multiply through the blocks."
+) -> torch.Tensor:             # [B, N(+1), N(+1)]: how much each output token draws on each input
+    "Attention rollout (Abnar & Zuidema 2020): multiply the blocks' row-normalised (head mean + I)."
     if not maps: raise ValueError("expected a non-empty list of attention maps, one per block")
     n = maps[0].shape[-1]
     eye = torch.eye(n, dtype=torch.float64, device=maps[0].device)
     out = eye.expand(maps[0].shape[0], n, n)
     for m in maps:
-        if m.shape[-1] != n or m.shape[-2] != n: raise ValueError(f"all attention maps must be [B, heads, {n}, {n}], got {tuple(m.shape)}")
+        if m.shape[-1] != n or m.shape[-2] != n:
+            raise ValueError(f"all attention maps must be [B, heads, {n}, {n}], "
+                             f"got {tuple(m.shape)}")
         a = m.double().mean(1) + eye
         out = (a / a.sum(-1, keepdim=True)) @ out
     return out
 
 def rollout_cls_map(
     rollout: torch.Tensor,  # [B, N+1, N+1] from `attention_rollout`
-) -> torch.Tensor:          # [B, side, side]: the class token's rolled-out attention over the patches, summing to 1
+) -> torch.Tensor:          # [B, side, side]: the class token's rolled-out attention, summing to 1
     "The class token's row of an attention rollout, over the patch tokens, as a grid."
     return _cls_grid(rollout, _check_maps(rollout, True))
 
@@ -137,12 +148,16 @@ def effective_receptive_field(
     images: torch.Tensor,   # [B, C, H, W] normalised images
     token_index: int,       # i, which patch token (0 <= i < N, row-major)
     seed: int = 0,          # seed of the random direction v
-) -> torch.Tensor:          # [H, W] float64: mean over images of Σ_c |∂(v·z_i)/∂x|, normalised to sum 1
-    "Effective receptive field of patch token i after the last block: its input-gradient magnitude, averaged over images."
+) -> torch.Tensor:          # [H, W] float64: image mean of Σ_c |∂(v·z_i)/∂x|, normalised to sum 1
+    "Effective receptive field of patch token i after the last block: its mean |input gradient|."
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError(f"expected images [B, C, H, W], got {tuple(getattr(images, 'shape', ()))}; add a batch dimension with x[None]")
+        raise ValueError(f"expected images [B, C, H, W], "
+                         f"got {tuple(getattr(images, 'shape', ()))}; "
+                         "add a batch dimension with x[None]")
     n = model.config.num_patches
-    if not 0 <= token_index < n: raise ValueError(f"token_index {token_index} is out of range: this model has {n} patch tokens")
+    if not 0 <= token_index < n:
+        raise ValueError(f"token_index {token_index} is out of range: "
+                         f"this model has {n} patch tokens")
     was_training = model.training
     model.eval()
     x = images.detach().float().clone().requires_grad_(True)
@@ -158,30 +173,35 @@ def patch_share(
     token_index: int,        # the patch token the map belongs to
     patch_size: int,         # pixels per token
 ) -> float:                  # fraction of the map's mass inside the token's own patch
-    "How much of a token's effective receptive field lies inside its own patch (1 for a plain patch embedding alone)."
+    "Share of a token's effective receptive field in its own patch (1 for a plain patch embedding)."
     if grad_map.ndim != 2: raise ValueError(f"expected a map [H, W], got {tuple(grad_map.shape)}")
     side = grad_map.shape[-1] // patch_size
     r, c = divmod(token_index, side)
-    inside = grad_map[r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size].sum()
+    inside = grad_map[r * patch_size:(r + 1) * patch_size,
+                      c * patch_size:(c + 1) * patch_size].sum()
     return float(inside / grad_map.sum().clamp_min(1e-300))
 
 # %% ../nbs/08_experiments.ipynb #1549f93c
-PAPER_RESULTS = {  # top-1 % from scratch, the official README (best test accuracy over ~300 real epochs)
+# top-1 % from scratch, the official README (best test accuracy over ~300 real epochs)
+PAPER_RESULTS = {
     "vit":    {"CIFAR-10": 93.58, "CIFAR-100": 73.81, "SVHN": 97.82, "Tiny-ImageNet": 57.07},
     "sl_vit": {"CIFAR-10": 94.53, "CIFAR-100": 76.92, "SVHN": 97.79, "Tiny-ImageNet": 61.07},
 }
-NAMES = {"vit": "ViT", "vit_spt": "ViT + SPT", "vit_lsa": "ViT + LSA", "sl_vit": "SL-ViT (SPT + LSA)",
-         "vit_mask": "ViT + mask only", "vit_temp": "ViT + τ only", "resnet20": "ResNet-20 (CNN)",
-         "pit": "PiT", "sl_pit": "SL-PiT", "swin": "Swin", "sl_swin": "SL-Swin"}  # chapter 9's models too
+NAMES = {"vit": "ViT", "vit_spt": "ViT + SPT", "vit_lsa": "ViT + LSA",
+         "sl_vit": "SL-ViT (SPT + LSA)", "vit_mask": "ViT + mask only", "vit_temp": "ViT + τ only",
+         "resnet20": "ResNet-20 (CNN)",
+         # chapter 9's models too
+         "pit": "PiT", "sl_pit": "SL-PiT", "swin": "Swin", "sl_swin": "SL-Swin"}
 
 def load_results(
-    folder: str | Path,  # e.g. "results/digits": one JSON per run, written by experiments/ablation.py
-) -> list[dict]:         # the runs (config, summary, history, ...), sorted by model, depth, seed; [] if none
+    folder: str | Path,  # e.g. "results/digits": one JSON per run, from experiments/ablation.py
+) -> list[dict]:         # runs (config, summary, history, ...) by model, depth, seed; [] if none
     "Read the JSON files of an ablation suite."
     folder = Path(folder)
     if not folder.is_dir(): return []
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*_seed*.json"))]
-    return sorted(runs, key=lambda r: (r["config"]["model"], r["config"].get("depth") or 0, r["config"]["seed"]))
+    return sorted(runs, key=lambda r: (r["config"]["model"], r["config"].get("depth") or 0,
+                                       r["config"]["seed"]))
 
 def mean_std(
     values,            # numbers, one per seed
@@ -194,14 +214,15 @@ def mean_std(
 def summarise_runs(
     runs: list[dict],    # from `load_results`
     models=("vit", "vit_spt", "vit_lsa", "sl_vit"),  # row order; models without runs get n = 0
-) -> dict[str, dict]:    # model -> n, seeds, final and best accuracy (mean, std in %), epochs, mean training time
+) -> dict[str, dict]:    # model -> n, seeds, final, best (accuracy %, with _std), epochs, mean time
     "Per-model mean ± std over seeds of the final and the best test accuracy."
     out = {}
     for m in models:
         rs = [r for r in runs if r["config"]["model"] == m]
         f, fs, n = mean_std([100 * r["summary"]["final_acc"] for r in rs])
         b, bs, _ = mean_std([100 * r["summary"]["best_acc"] for r in rs])
-        out[m] = dict(n=n, seeds=[r["config"]["seed"] for r in rs], final=f, final_std=fs, best=b, best_std=bs,
+        out[m] = dict(n=n, seeds=[r["config"]["seed"] for r in rs], final=f, final_std=fs,
+                      best=b, best_std=bs,
                       epochs=sorted({r["summary"]["epochs_done"] for r in rs}),
                       time=mean_std([r["summary"]["train_time"] for r in rs])[0])
     return out
@@ -212,7 +233,7 @@ def paired_difference(
     base: str = "vit",     # what it is compared with
     key: str = "final_acc",  # a summary field: "final_acc" or "best_acc"
 ) -> dict:                 # mean difference (points), its standard error, n pairs, verdict
-    "Model minus base, paired by seed (and depth): mean, standard error of the mean, and the 2-SE verdict."
+    "Model minus base, paired by seed (and depth): mean, standard error and the 2-SE verdict."
     def by_run(m): return {(r["config"]["seed"], r["config"].get("depth")): 100 * r["summary"][key]
                            for r in runs if r["config"]["model"] == m}
     a, b = by_run(model), by_run(base)
@@ -235,17 +256,19 @@ def ablation_markdown(
     summary: dict[str, dict],  # from `summarise_runs`
     runs: list[dict] | None = None,  # with them, a column of paired differences to the first model
 ) -> str:                      # a markdown table
-    "The ablation table as markdown: n, final and best test accuracy (mean ± std, %), Δ to the first model, time."
+    "Ablation table in markdown: n, final and best accuracy (mean ± std, %), Δ to the first, time."
     base = next(iter(summary))
     head = "| model | n (seeds) | final test acc. (%) | best test acc. (%) |"
     head += f" Δ final vs {NAMES.get(base, base)}, paired (± SE) |" if runs else ""
     rows = [head + " train time / run (s) |", "|---" * (head.count("|") - 1) + "|---|"]
     for m, s in summary.items():
         t = "–" if math.isnan(s["time"]) else f"{s['time']:.0f}"
-        row = f"| {NAMES.get(m, m)} | {s['n']} | {_pm(s['final'], s['final_std'])} | {_pm(s['best'], s['best_std'])} |"
+        row = (f"| {NAMES.get(m, m)} | {s['n']} | {_pm(s['final'], s['final_std'])} "
+               f"| {_pm(s['best'], s['best_std'])} |")
         if runs:
             p = paired_difference(runs, m, base)
-            row += " – |" if m == base or p["n"] == 0 else f" {_pm(p['diff'], p['se'])}: {p['verdict'].split(' (')[0]} |"
+            row += (" – |" if m == base or p["n"] == 0
+                    else f" {_pm(p['diff'], p['se'])}: {p['verdict'].split(' (')[0]} |")
         rows.append(row + f" {t} |")
     return "\n".join(rows)
 
@@ -254,7 +277,7 @@ def plot_ablation_curves(
     size: float = 3.0,    # height in inches
     title: str | None = None,
 ) -> plt.Figure:
-    "Test accuracy and training loss per epoch: mean over seeds per model (dashed: with LSA), min–max shaded."
+    "Test accuracy and training loss per epoch: mean over seeds (dashed: with LSA), min–max shaded."
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(2.7 * size, size))
     present = {r["config"]["model"] for r in runs}
     for i, m in enumerate([m for m in NAMES if m in present] + sorted(present - set(NAMES))):
@@ -264,9 +287,13 @@ def plot_ablation_curves(
         for ax, key, scale in ((ax_acc, "test_acc", 100), (ax_loss, "train_loss", 1)):
             ep = [e["epoch"] for e in hs[0][:L] if e[key] is not None]     # evaluated epochs only
             v = torch.tensor([[scale * e[key] for e in h[:L] if e[key] is not None] for h in hs])
-            ax.plot(ep, v.mean(0), color=f"C{i}", ls="--" if lsa else "-", label=f"{NAMES.get(m, m)} (n={len(hs)})")
-            if len(hs) > 1: ax.fill_between(ep, v.min(0).values, v.max(0).values, color=f"C{i}", alpha=0.2, lw=0)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)"); ax_loss.set(xlabel="epoch", ylabel="training loss")
+            ax.plot(ep, v.mean(0), color=f"C{i}", ls="--" if lsa else "-",
+                    label=f"{NAMES.get(m, m)} (n={len(hs)})")
+            if len(hs) > 1:
+                ax.fill_between(ep, v.min(0).values, v.max(0).values, color=f"C{i}",
+                                alpha=0.2, lw=0)
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
+    ax_loss.set(xlabel="epoch", ylabel="training loss")
     ax_acc.legend(fontsize=8)
     if title: fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -280,7 +307,8 @@ def plot_run_temperatures(
     "Learned τ of every head, per block, of each model (dots: heads of all seeds), against √d_k."
     have = [r for r in runs if r.get("temperatures")]
     models = [m for m in NAMES if any(r["config"]["model"] == m for r in have)]
-    fig, axs = plt.subplots(1, max(1, len(models)), figsize=(2.4 * size * max(1, len(models)) / 2, size),
+    fig, axs = plt.subplots(1, max(1, len(models)),
+                            figsize=(2.4 * size * max(1, len(models)) / 2, size),
                             sharey=True, squeeze=False)
     for ax, m in zip(axs[0], models):
         rs = [r for r in have if r["config"]["model"] == m]
@@ -291,7 +319,8 @@ def plot_run_temperatures(
                 ax.scatter([x] * len(taus), taus, s=10, alpha=0.7, color=f"C{seed}",
                            label=f"seed {seed}" if b == 0 else None)
         ax.axhline(math.sqrt(head_dim), color="grey", ls=":", lw=1)
-        ax.set(title=NAMES.get(m, m), xlabel="block", xticks=range(1, len(rs[0]["temperatures"]) + 1))
+        ax.set(title=NAMES.get(m, m), xlabel="block",
+               xticks=range(1, len(rs[0]["temperatures"]) + 1))
     axs[0][0].set_ylabel("learned τ (dotted: √d_k)")
     axs[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -141,7 +141,7 @@ def device_name(device: str) -> str:
 def demo(
     out_dir: str | Path = "runs/demo",  # one sub-folder per model
     epochs: int = 40,                   # passes over the digits' training images
-    models: tuple[str, ...] = ("vit", "sl_vit"),
+    models: tuple[str, ...] = ("vit", "sl_vit"),  # the models to train, one run each
     seed: int = 0,                      # seeds initialisation, data order and augmentation
     progress: bool = True,              # a progress bar per epoch
     overwrite: bool = False,            # replace the runs already in out_dir

@@ -15,15 +15,19 @@ __all__ = ['patchify', 'unpatchify', 'PatchTokenization', 'PatchEmbedding']
 def _check_image(x: torch.Tensor, patch_size: int):
     "Raise a one-line ValueError unless x is [B, C, H, W] with H and W divisible by patch_size."
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"expected an image batch of shape [B, C, H, W], got {tuple(getattr(x, 'shape', ()))}; add a batch dimension with x[None] for a single image")
+        raise ValueError(f"expected an image batch of shape [B, C, H, W], got "
+                         f"{tuple(getattr(x, 'shape', ()))}; add a batch dimension with x[None] "
+                         "for a single image")
     H, W = x.shape[-2:]
     if patch_size < 1 or H % patch_size or W % patch_size:
-        raise ValueError(f"patch size {patch_size} does not divide the image size {H}x{W}; resize or crop the image to a multiple of {patch_size}, or pick a patch size that divides both sides")
+        raise ValueError(f"patch size {patch_size} does not divide the image size {H}x{W}; resize "
+                         f"or crop the image to a multiple of {patch_size}, or pick a patch size "
+                         "that divides both sides")
 
 def patchify(
     x: torch.Tensor,   # images [B, C, H, W]
     patch_size: int,   # P, the side of a square patch; must divide H and W
-) -> torch.Tensor:     # patches [B, N, P*P*C], N = H*W/P², row-major, each ordered (row, column, channel)
+) -> torch.Tensor:     # patches [B, N, P*P*C], N = H*W/P², row-major, each (row, column, channel)
     "Split images into non-overlapping flattened patches: the paper's P(x)."
     _check_image(x, patch_size)
     return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
@@ -40,12 +44,14 @@ def unpatchify(
     B, N, D = patches.shape
     h = height // patch_size
     if height % patch_size or h == 0 or N % h or D % (patch_size * patch_size):
-        raise ValueError(f"{N} patches of length {D} do not tile an image of height {height} with patch size {patch_size}")
-    return rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=patch_size, p2=patch_size)
+        raise ValueError(f"{N} patches of length {D} do not tile an image of height {height} "
+                         f"with patch size {patch_size}")
+    return rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)",
+                     h=h, p1=patch_size, p2=patch_size)
 
 # %% ../nbs/01_patches.ipynb #a2a90100
 class PatchTokenization(nn.Module):
-    "Standard ViT tokenization T(x) = P(x) E_t: non-overlapping patches, flattened, linearly projected."
+    "Standard ViT tokenization T(x) = P(x) E_t: non-overlapping patches, flattened, projected."
     def __init__(self,
                  in_chans: int,    # C, channels of the input image
                  dim: int,         # d, the transformer's hidden dimension
@@ -62,8 +68,8 @@ class PatchTokenization(nn.Module):
 class PatchEmbedding(nn.Module):
     "Tokens plus class token plus position embedding: z0 = [x_cls; T(x)] + E_pos."
     def __init__(self,
-                 tokenizer: nn.Module,   # maps images [B, C, H, W] to tokens [B, N, d], e.g. `PatchTokenization`
-                 num_patches: int,       # N, tokens the tokenizer produces for the model's image size
+                 tokenizer: nn.Module,   # maps [B, C, H, W] to [B, N, d], e.g. `PatchTokenization`
+                 num_patches: int,       # N, tokens the tokenizer makes at the model's image size
                  dim: int,               # d, the token width
                  cls_token: bool = True, # prepend a learnable class token
                 ):
@@ -74,10 +80,11 @@ class PatchEmbedding(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if cls_token: nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> tokens [B, N(+1), d]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> [B, N(+1), d]
         t = self.tokenizer(x)
         if t.shape[1] != self.num_patches:
-            raise ValueError(f"the tokenizer made {t.shape[1]} tokens but the position embedding has {self.num_patches}; build the model for this image size")
+            raise ValueError(f"the tokenizer made {t.shape[1]} tokens but the position embedding "
+                             f"has {self.num_patches}; build the model for this image size")
         if self.cls_token is not None:
             t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
         return t + self.pos_embed

@@ -25,30 +25,37 @@ class PiTConfig:
     image_size: int = 32                  # side of the square input image
     num_classes: int = 10
     in_chans: int = 3
-    patch_size: int | None = None         # None: image_size // 16 (a 16×16 first grid: patch 2 at 32 px, 4 at 64 px)
-    dim: int = 96                         # token width of the first stage; each pooling layer doubles it
+    patch_size: int | None = None         # None: image_size // 16 (16×16 first grid; 4 at 64 px)
+    dim: int = 96                         # token width of stage 1; each pooling layer doubles it
     depths: tuple[int, ...] = (2, 6, 4)   # blocks per stage
     heads: tuple[int, ...] = (2, 4, 8)    # attention heads per stage
-    head_dim: int | None = None           # d_k of every head in every stage; None: dim // heads[0] (48)
+    head_dim: int | None = None           # d_k of all heads, all stages; None: dim // heads[0] (48)
     mlp_ratio: int = 2                    # MLP hidden width = mlp_ratio × the stage's width
     drop_path: float = 0.1                # stochastic-depth rate of every residual branch
-    sl: bool = False                      # SL-PiT: SPT patch embedding, SPT pooling and LSA in every block
-    pool_pointwise: bool = True           # plain pooling: a 1×1 conv after the depth-wise one (official code; Heo et al. have none)
+    sl: bool = False                      # SL-PiT: SPT embedding and pooling, LSA in every block
+    pool_pointwise: bool = True           # 1×1 conv after plain pooling (official code; Heo: none)
 
     def __post_init__(self):
         self.depths, self.heads = tuple(self.depths), tuple(self.heads)
         if not self.depths or len(self.depths) != len(self.heads):
-            raise ValueError(f"depths {self.depths} and heads {self.heads} must list the same number of stages (at least one)")
+            raise ValueError(f"depths {self.depths} and heads {self.heads} must list the same "
+                             "number of stages (at least one)")
         if self.patch_size is None: self.patch_size = self.image_size // 16
         if self.head_dim is None: self.head_dim = self.dim // self.heads[0]
         if self.patch_size < 1 or self.image_size % self.patch_size:
-            raise ValueError(f"patch size {self.patch_size} does not divide image size {self.image_size}; use an image size that is a multiple of 16 or pass a patch_size that divides it")
+            raise ValueError(f"patch size {self.patch_size} does not divide image size "
+                             f"{self.image_size}; use an image size that is a multiple of 16 or "
+                             "pass a patch_size that divides it")
         g, f = self.image_size // self.patch_size, 2 ** (len(self.depths) - 1)
         if g % f:
-            raise ValueError(f"the {g}x{g} first token grid cannot be halved {len(self.depths) - 1} times; choose image_size / patch_size divisible by {f}")
+            raise ValueError(f"the {g}x{g} first token grid cannot be halved "
+                             f"{len(self.depths) - 1} times; choose image_size / patch_size "
+                             f"divisible by {f}")
         if self.sl and self.patch_size < 2:
-            raise ValueError(f"SPT shifts by patch_size // 2, which is 0 for patch size {self.patch_size}; use a patch size of at least 2")
-        if not 0 <= self.drop_path < 1: raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+            raise ValueError(f"SPT shifts by patch_size // 2, which is 0 for patch size "
+                             f"{self.patch_size}; use a patch size of at least 2")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
 
     @property
     def grids(self) -> list[int]:
@@ -61,57 +68,72 @@ class PiTConfig:
         return [self.dim * 2 ** s for s in range(len(self.depths))]
 
 PIT_PRESETS = {  # None (no preset) is the paper's PiT
-    "tiny": dict(dim=32, depths=(1, 1, 1), heads=(2, 4, 8), head_dim=16, patch_size=2, drop_path=0.0),  # for CPU tests and the digits ablation
+    # for CPU tests and the digits ablation
+    "tiny": dict(dim=32, depths=(1, 1, 1), heads=(2, 4, 8), head_dim=16, patch_size=2,
+                 drop_path=0.0),
 }
 
 # %% ../nbs/09_pit.ipynb #a38798d0
 class ConvPooling(nn.Module):
-    "PiT's pooling layer: a depth-wise 3×3 convolution with stride 2 on the token grid; the class token gets its own Linear."
+    "PiT's pooling: depth-wise 3×3 stride-2 conv of the token grid; the class token gets a Linear."
     def __init__(self,
                  in_dim: int,             # d of the incoming tokens
-                 out_dim: int,            # d of the outgoing tokens, a multiple of in_dim (PiT doubles it)
-                 pointwise: bool = True,  # follow the depth-wise convolution by a 1×1 convolution (official code)
+                 out_dim: int,            # outgoing d, a multiple of in_dim (PiT doubles it)
+                 pointwise: bool = True,  # then a 1×1 convolution (official code)
                 ):
         super().__init__()
-        if out_dim % in_dim: raise ValueError(f"out_dim {out_dim} must be a multiple of in_dim {in_dim} for a depth-wise convolution")
+        if out_dim % in_dim:
+            raise ValueError(f"out_dim {out_dim} must be a multiple of in_dim {in_dim} "
+                             "for a depth-wise convolution")
         self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1, groups=in_dim)
         self.pointwise = nn.Conv2d(out_dim, out_dim, kernel_size=1) if pointwise else None
         self.cls_proj = nn.Linear(in_dim, out_dim)   # E_cls
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:  # tokens [B, 1+N, in_dim] -> [B, 1+N/4, out_dim]
+    def forward(self, y: torch.Tensor) -> torch.Tensor:  # [B, 1+N, in_dim] -> [B, 1+N/4, out_dim]
         if not isinstance(y, torch.Tensor) or y.ndim != 3:
-            raise ValueError(f"expected tokens of shape [B, 1+N, d], got {tuple(getattr(y, 'shape', ()))}")
+            raise ValueError(f"expected tokens of shape [B, 1+N, d], "
+                             f"got {tuple(getattr(y, 'shape', ()))}")
         cls, tokens = y[:, :1], y[:, 1:]
         N, h = tokens.shape[1], math.isqrt(tokens.shape[1])
         if h * h != N or h % 2:
-            raise ValueError(f"{N} visual tokens (after the class token) do not form a square grid with an even side; the pooling layer needs N = h*h with h even")
-        g = self.conv(rearrange(tokens, "b (h w) d -> b d h w", h=h))   # R, then the depth-wise convolution
+            raise ValueError(f"{N} visual tokens (after the class token) do not form a square grid "
+                             "with an even side; the pooling layer needs N = h*h with h even")
+        # R, then the depth-wise convolution
+        g = self.conv(rearrange(tokens, "b (h w) d -> b d h w", h=h))
         if self.pointwise is not None: g = self.pointwise(g)
         return torch.cat([self.cls_proj(cls), rearrange(g, "b d h w -> b (h w) d")], dim=1)
 
 # %% ../nbs/09_pit.ipynb #2efdcfc2
 class PiT(nn.Module):
-    "Pooling-based Vision Transformer (Heo et al. 2021) for small datasets; `config.sl` makes it SL-PiT."
+    "Pooling-based ViT (Heo et al. 2021) for small datasets; `config.sl` makes it SL-PiT."
     def __init__(self, config: PiTConfig):
         super().__init__()
         self.config = c = config
-        if c.sl: tokenizer = ShiftedPatchTokenization(c.in_chans, c.dim, c.patch_size)   # S_pe's tokenizer
+        # S_pe's tokenizer
+        if c.sl: tokenizer = ShiftedPatchTokenization(c.in_chans, c.dim, c.patch_size)
         else: tokenizer = PatchTokenization(c.in_chans, c.dim, c.patch_size)
         self.embed = PatchEmbedding(tokenizer, c.grids[0] ** 2, c.dim, cls_token=True)
         self.stages = nn.ModuleList([
-            nn.Sequential(*[Block(d, h, c.head_dim, c.mlp_ratio * d, c.drop_path, c.sl, c.sl) for _ in range(n)])
+            nn.Sequential(*[Block(d, h, c.head_dim, c.mlp_ratio * d, c.drop_path, c.sl, c.sl)
+                            for _ in range(n)])
             for d, n, h in zip(c.dims, c.depths, c.heads)])
-        self.pools = nn.ModuleList([SPTPooling(d, 2 * d, merge_size=2) if c.sl else ConvPooling(d, 2 * d, c.pool_pointwise)
+        self.pools = nn.ModuleList([SPTPooling(d, 2 * d, merge_size=2) if c.sl
+                                    else ConvPooling(d, 2 * d, c.pool_pointwise)
                                     for d in c.dims[:-1]])
         self.head = nn.Sequential(nn.LayerNorm(c.dims[-1]), classifier(c.dims[-1], c.num_classes))
         self.apply(_init_pit)
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> tokens [B, 1+N_last, d_last]
+    def forward_features(self,
+                         x: torch.Tensor,   # images [B, C, H, W]
+                        ) -> torch.Tensor:  # tokens [B, 1+N_last, d_last]
         "All tokens after the last stage, class token first."
         c = self.config
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (c.in_chans, c.image_size, c.image_size):
-            raise ValueError(f"expected images [B, {c.in_chans}, {c.image_size}, {c.image_size}], got {tuple(getattr(x, 'shape', ()))}; build the model for this image size and channel count")
+        want = (c.in_chans, c.image_size, c.image_size)
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"expected images [B, {c.in_chans}, {c.image_size}, {c.image_size}], "
+                             f"got {tuple(getattr(x, 'shape', ()))}; build the model for this "
+                             "image size and channel count")
         z = self.embed(x)
         for s, stage in enumerate(self.stages):
             if s: z = self.pools[s - 1](z)
@@ -123,7 +145,7 @@ class PiT(nn.Module):
         x = self.head[0](z[:, 0])
         return x if pre_logits else self.head[1](x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> logits [B, num_classes]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> logits [B, num_classes]
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int):  # 0: none, the model returns pooled features
@@ -152,11 +174,16 @@ def create_pit(
     preset: str | None = None,  # a `PIT_PRESETS` name, e.g. "tiny"; None: the paper's PiT
     **overrides,
 ) -> PiT:
-    "Build PiT or SL-PiT by name; `overrides` sets any other `PiTConfig` field (in_chans, patch_size, drop_path, ...)."
-    if name not in PIT_MODELS: raise ValueError(f"unknown PiT model {name!r}; choose one of {sorted(PIT_MODELS)}")
-    if preset is not None and preset not in PIT_PRESETS: raise ValueError(f"unknown PiT preset {preset!r}; choose one of {sorted(PIT_PRESETS)} or None")
-    allowed = [f.name for f in fields(PiTConfig) if f.name not in ("image_size", "num_classes", "sl")]
+    "Build PiT or SL-PiT by name; `overrides` sets any other `PiTConfig` field (patch_size, ...)."
+    if name not in PIT_MODELS:
+        raise ValueError(f"unknown PiT model {name!r}; choose one of {sorted(PIT_MODELS)}")
+    if preset is not None and preset not in PIT_PRESETS:
+        raise ValueError(f"unknown PiT preset {preset!r}; "
+                         f"choose one of {sorted(PIT_PRESETS)} or None")
+    allowed = [f.name for f in fields(PiTConfig)
+               if f.name not in ("image_size", "num_classes", "sl")]
     unknown = sorted(set(overrides) - set(allowed))
     if unknown: raise ValueError(f"unknown PiT option(s) {unknown}; choose from {allowed}")
     base = PIT_PRESETS[preset] if preset else {}
-    return PiT(PiTConfig(**{**base, **overrides, "image_size": image_size, "num_classes": num_classes, "sl": PIT_MODELS[name]}))
+    return PiT(PiTConfig(**{**base, **overrides, "image_size": image_size,
+                            "num_classes": num_classes, "sl": PIT_MODELS[name]}))

@@ -15,7 +15,7 @@ __all__ = ['receptive_field_formula', 'token_gradient_map', 'receptive_field_siz
 def receptive_field_formula(
     kernel: int,       # k, kernel size of the tokenization (P for standard patches)
     stride: int,       # j, its stride (P for non-overlapping patches)
-    r_trans: int = 1,  # receptive field of what follows, in tokens; 1 for a transformer encoder (the paper)
+    r_trans: int = 1,  # receptive field of what follows, in tokens; 1 for a transformer encoder
 ) -> int:              # r_token, in pixels per side
     "The paper's receptive field of a visual token: r_token = r_trans * j + (k - j)."
     for name, v in [("kernel", kernel), ("stride", stride), ("r_trans", r_trans)]:
@@ -25,21 +25,24 @@ def receptive_field_formula(
 
 # %% ../nbs/02_receptive_field.ipynb #cc486b51
 def token_gradient_map(
-    tokenizer: nn.Module,   # maps images [B, C, H, W] to tokens [B, N, d]; left unchanged (a float64 copy is used)
+    tokenizer: nn.Module,   # [B, C, H, W] -> [B, N, d]; left unchanged (a float64 copy is used)
     image: torch.Tensor,    # one image [C, H, W]
     token_index: int,       # i, which token (0 <= i < N)
     seed: int = 0,          # seed of the random vector v
-) -> torch.Tensor:          # [H, W] float64: sum over channels of |d(v . t_i)/dx|; zero outside the receptive field
-    "Gradient magnitude of token i with respect to each pixel: a map of the token's receptive field."
+) -> torch.Tensor:          # [H, W] float64: channel sum of |d(v . t_i)/dx|; zero outside the field
+    "Gradient magnitude of token i with respect to each pixel: a map of its receptive field."
     if not isinstance(image, torch.Tensor) or image.ndim != 3:
-        raise ValueError(f"expected one image of shape [C, H, W], got {tuple(getattr(image, 'shape', ()))}; pass x[0] for a batch")
+        raise ValueError(f"expected one image of shape [C, H, W], got "
+                         f"{tuple(getattr(image, 'shape', ()))}; pass x[0] for a batch")
     tok = copy.deepcopy(tokenizer).double().eval()
     x = image.detach().double()[None].requires_grad_(True)
     tokens = tok(x)
     if tokens.ndim != 3:
-        raise ValueError(f"the tokenizer must return tokens [B, N, d], got shape {tuple(tokens.shape)}")
+        raise ValueError(f"the tokenizer must return tokens [B, N, d], "
+                         f"got shape {tuple(tokens.shape)}")
     if not 0 <= token_index < tokens.shape[1]:
-        raise ValueError(f"token_index {token_index} is out of range; this image gives {tokens.shape[1]} tokens")
+        raise ValueError(f"token_index {token_index} is out of range; "
+                         f"this image gives {tokens.shape[1]} tokens")
     t = tokens[0, token_index]
     v = torch.randn(t.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     (t * v).sum().backward()
@@ -47,8 +50,8 @@ def token_gradient_map(
 
 # %% ../nbs/02_receptive_field.ipynb #d74223ab
 def receptive_field_size(
-    grad_map: torch.Tensor,  # [H, W] map, e.g. from `token_gradient_map`; non-zero inside the receptive field
-) -> int:                    # side of the bounding box of the non-zero pixels (the longer side); 0 if there are none
+    grad_map: torch.Tensor,  # [H, W] map, e.g. from `token_gradient_map`; non-zero inside the field
+) -> int:                    # longer side of the non-zero pixels' bounding box; 0 if there are none
     "Measured receptive field: the side of the bounding box of the pixels with a non-zero gradient."
     if grad_map.ndim != 2:
         raise ValueError(f"expected a map of shape [H, W], got {tuple(grad_map.shape)}")

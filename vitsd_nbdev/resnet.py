@@ -11,14 +11,15 @@ from torchvision.models.resnet import BasicBlock
 __all__ = ['RESNET_MODELS', 'CifarResNet', 'create_resnet']
 
 # %% ../nbs/07a_resnet.ipynb #f81435ca
-RESNET_MODELS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}  # name -> blocks per stage n (depth 6n + 2)
+# name -> blocks per stage n (depth 6n + 2)
+RESNET_MODELS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}
 
 class CifarResNet(nn.Module):
     "He et al.'s CIFAR ResNet (depth 6n + 2) from torchvision's `BasicBlock`, any input size."
     def __init__(self,
                  blocks_per_stage: int = 3,  # n: 3 gives ResNet-20
-                 num_classes: int = 10,
-                 in_chans: int = 3,
+                 num_classes: int = 10,      # outputs of the classifier head
+                 in_chans: int = 3,          # channels of the input images
                  width: int = 16,            # channels of the first stage (doubled per stage)
                 ):
         super().__init__()
@@ -31,7 +32,8 @@ class CifarResNet(nn.Module):
             for j in range(blocks_per_stage):
                 down = None
                 if j == 0 and (stride != 1 or c_in != c_out):  # option B shortcut
-                    down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                    down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                         nn.BatchNorm2d(c_out))
                 layers.append(BasicBlock(c_in, c_out, stride if j == 0 else 1, down))
                 c_in = c_out
             stages.append(nn.Sequential(*layers))
@@ -39,23 +41,25 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(c_in, num_classes)
         for m in self.modules():                                 # He initialisation, as He et al.
-            if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):  # images [B, C, H, W] -> logits [B, num_classes]
         return self.head(self.pool(self.stages(self.stem(x))).flatten(1))
 
 def create_resnet(
     name: str,                  # a `RESNET_MODELS` name, e.g. "resnet20"
-    num_classes: int = 10,
-    image_size: int = 32,       # any size works (global pooling); kept for `create_model`'s signature
+    num_classes: int = 10,      # outputs of the classifier head
+    image_size: int = 32,       # unused: any size works (global pooling); `create_model` passes it
     preset: str | None = None,  # ResNets have no presets: None
-    in_chans: int = 3,
+    in_chans: int = 3,          # channels of the input images
     **overrides,                # `width`; a ViT option (patch_size, drop_path, ...) is refused
 ) -> CifarResNet:
     "Build a CIFAR ResNet by name (what `create_model` calls for these names)."
     if name not in RESNET_MODELS:
         raise ValueError(f"unknown ResNet {name!r}; choose one of {sorted(RESNET_MODELS)}")
-    if preset is not None: raise ValueError(f"ResNets have no presets; got preset {preset!r}, use none")
+    if preset is not None:
+        raise ValueError(f"ResNets have no presets; got preset {preset!r}, use none")
     unknown = sorted(set(overrides) - {"width"})
     if unknown: raise ValueError(f"{name} does not take option(s) {unknown}; it takes only width")
     return CifarResNet(RESNET_MODELS[name], num_classes, in_chans, **overrides)

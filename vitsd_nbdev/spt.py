@@ -16,7 +16,8 @@ __all__ = ['SHIFT_DIRECTIONS', 'shifted_views', 'ShiftedPatchTokenization', 'SPT
 
 # %% ../nbs/03_spt.ipynb #5995684b
 SHIFT_DIRECTIONS = {
-    "diagonal": {"left-up": (-1, -1), "right-up": (-1, 1), "left-down": (1, -1), "right-down": (1, 1)},
+    "diagonal": {"left-up": (-1, -1), "right-up": (-1, 1),
+                 "left-down": (1, -1), "right-down": (1, 1)},
     "cardinal": {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)},
 }
 SHIFT_DIRECTIONS["all"] = {**SHIFT_DIRECTIONS["diagonal"], **SHIFT_DIRECTIONS["cardinal"]}
@@ -26,14 +27,16 @@ def shifted_views(
     x: torch.Tensor,              # images [B, C, H, W]
     shift: int,                   # s, pixels to move the content; 1 <= s < min(H, W)
     directions: str = "diagonal", # a key of `SHIFT_DIRECTIONS`: "diagonal", "cardinal" or "all"
-) -> torch.Tensor:                # [B, C*(1+n), H, W]: x first, then its n shifted copies in `SHIFT_DIRECTIONS` order
+) -> torch.Tensor:                # [B, C*(1+n), H, W]: x, then n shifts in `SHIFT_DIRECTIONS` order
     "The input concatenated with its shifted copies, zero filled: the paper's [x s^1 ... s^N_S]."
     _check_image(x, 1)
     if directions not in SHIFT_DIRECTIONS:
-        raise ValueError(f"unknown shift directions {directions!r}; choose one of {', '.join(map(repr, SHIFT_DIRECTIONS))}")
+        raise ValueError(f"unknown shift directions {directions!r}; "
+                         f"choose one of {', '.join(map(repr, SHIFT_DIRECTIONS))}")
     H, W = x.shape[-2:]
     if not isinstance(shift, int) or not 1 <= shift < min(H, W):
-        raise ValueError(f"shift must be an integer with 1 <= shift < {min(H, W)} (the shorter image side), got {shift!r}")
+        raise ValueError(f"shift must be an integer with 1 <= shift < {min(H, W)} "
+                         f"(the shorter image side), got {shift!r}")
     padded = F.pad(x, (shift, shift, shift, shift))
     views = [x]
     for dy, dx in SHIFT_DIRECTIONS[directions].values():
@@ -48,15 +51,17 @@ class ShiftedPatchTokenization(nn.Module):
                  in_chans: int,                 # C, channels of the input
                  dim: int,                      # d, the token width
                  patch_size: int,               # P, the side of a square patch
-                 shift: int | None = None,      # s, pixels to shift; None means P // 2 as in the paper
-                 directions: str = "diagonal",  # a key of `SHIFT_DIRECTIONS`: "diagonal", "cardinal" or "all"
+                 shift: int | None = None,      # s, pixels to shift; None means P // 2 (the paper)
+                 directions: str = "diagonal",  # `SHIFT_DIRECTIONS` key: diagonal, cardinal or all
                 ):
         super().__init__()
         if directions not in SHIFT_DIRECTIONS:
-            raise ValueError(f"unknown shift directions {directions!r}; choose one of {', '.join(map(repr, SHIFT_DIRECTIONS))}")
+            raise ValueError(f"unknown shift directions {directions!r}; "
+                             f"choose one of {', '.join(map(repr, SHIFT_DIRECTIONS))}")
         shift = patch_size // 2 if shift is None else shift
         if not isinstance(shift, int) or shift < 1:
-            raise ValueError(f"shift must be an integer >= 1, got {shift!r} (patch size {patch_size}); pass shift explicitly for patch size 1")
+            raise ValueError(f"shift must be an integer >= 1, got {shift!r} "
+                             f"(patch size {patch_size}); pass shift explicitly for patch size 1")
         self.patch_size, self.dim, self.shift, self.directions = patch_size, dim, shift, directions
         patch_dim = patch_size * patch_size * in_chans * (1 + len(SHIFT_DIRECTIONS[directions]))
         self.norm = nn.LayerNorm(patch_dim)     # LN over each flattened patch
@@ -68,29 +73,34 @@ class ShiftedPatchTokenization(nn.Module):
 
 # %% ../nbs/03_spt.ipynb #852b7219
 class SPTPooling(nn.Module):
-    "The paper's S_pool: merge each merge_size² block of tokens (with shifted neighbours) into one token."
+    "The paper's S_pool: one token from each merge_size² token block and its shifted neighbours."
     def __init__(self,
                  in_dim: int,                   # d of the incoming tokens
                  out_dim: int,                  # d of the outgoing tokens (PiT doubles it)
                  merge_size: int = 2,           # side of the token block merged into one token
-                 shift: int | None = None,      # shift on the token grid; None means merge_size // 2
+                 shift: int | None = None,      # s on the token grid; None means merge_size // 2
                  directions: str = "diagonal",  # a key of `SHIFT_DIRECTIONS`
-                 cls_token: bool = True,        # the input starts with a class token (projected by its own Linear)
+                 cls_token: bool = True,        # a class token comes first (projected by E_cls)
                 ):
         super().__init__()
         self.merge_size = merge_size
         self.spt = ShiftedPatchTokenization(in_dim, out_dim, merge_size, shift, directions)
         self.cls_proj = nn.Linear(in_dim, out_dim) if cls_token else None   # E_cls
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:  # tokens [B, (1)+N, in_dim] -> [B, (1)+N/merge_size², out_dim]
+    def forward(self,
+                y: torch.Tensor,   # tokens [B, (1)+N, in_dim]
+               ) -> torch.Tensor:  # [B, (1)+N/merge_size², out_dim]
         if y.ndim != 3:
             raise ValueError(f"expected tokens of shape [B, N, d], got {tuple(y.shape)}")
         cls, tokens = (y[:, :1], y[:, 1:]) if self.cls_proj is not None else (None, y)
         N, h = tokens.shape[1], math.isqrt(tokens.shape[1])
         if h * h != N:
-            hint = "; if the input has no class token, build SPTPooling with cls_token=False" if cls is not None else ""
-            raise ValueError(f"{N} visual tokens do not form a square grid; SPTPooling needs N = h*h{hint}")
+            hint = ("; if the input has no class token, build SPTPooling with cls_token=False"
+                    if cls is not None else "")
+            raise ValueError(f"{N} visual tokens do not form a square grid; "
+                             f"SPTPooling needs N = h*h{hint}")
         if h % self.merge_size:
-            raise ValueError(f"the {h}x{h} token grid is not divisible by merge_size {self.merge_size}; pick a merge size that divides {h}")
+            raise ValueError(f"the {h}x{h} token grid is not divisible by merge_size "
+                             f"{self.merge_size}; pick a merge size that divides {h}")
         out = self.spt(rearrange(tokens, "b (h w) d -> b d h w", h=h))   # R, then S
         return out if cls is None else torch.cat([self.cls_proj(cls), out], dim=1)

@@ -40,7 +40,8 @@ def show_image(
     if img.ndim == 3:
         img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
     if ax is None: _, ax = plt.subplots(figsize=(3, 3))
-    ax.imshow((img.clamp(0, 1) if img.ndim == 3 else img).numpy(), cmap=cmap or ("gray" if img.ndim == 2 else None), **kwargs)
+    ax.imshow((img.clamp(0, 1) if img.ndim == 3 else img).numpy(),
+              cmap=cmap or ("gray" if img.ndim == 2 else None), **kwargs)
     ax.set_axis_off()
     if title: ax.set_title(title, fontsize=9)
     return ax
@@ -91,15 +92,17 @@ def show_heatmap(
     "Overlay a map on an image, scaled by its maximum, with its zeros transparent."
     heat = heat.detach().cpu().double()
     if heat.shape != img.shape[-2:]:
-        raise ValueError(f"the map has shape {tuple(heat.shape)} but the image is {tuple(img.shape[-2:])}; pass one value per pixel")
+        raise ValueError(f"the map has shape {tuple(heat.shape)} but the image is "
+                         f"{tuple(img.shape[-2:])}; pass one value per pixel")
     ax = show_image(img, ax=ax, title=title, interpolation="nearest")
     scaled = heat / heat.max() if heat.max() > 0 else heat
-    ax.imshow(np.ma.masked_where(heat.numpy() == 0, scaled.numpy()), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(np.ma.masked_where(heat.numpy() == 0, scaled.numpy()), cmap=cmap, alpha=alpha,
+              vmin=0, vmax=1, interpolation="nearest")
     return ax
 
 # %% ../nbs/11_viz.ipynb #73754300
 def plot_learning_curves(
-    histories: dict,   # run name -> list of per-epoch dicts with epoch, train_loss, test_loss, test_acc
+    histories: dict,   # run name -> per-epoch dicts with epoch, train_loss, test_loss, test_acc
     size: float = 3.2, # height in inches
 ) -> plt.Figure:
     "Loss (train solid, test dashed) and test accuracy per epoch, one colour per run."
@@ -109,10 +112,14 @@ def plot_learning_curves(
         c = f"C{i}"
         ax_loss.plot(ep, [h["train_loss"] for h in hist], color=c, label=f"{name} train")
         ax_loss.plot([h["epoch"] for h in hist if h["test_loss"] is not None],
-                     [h["test_loss"] for h in hist if h["test_loss"] is not None], color=c, ls="--", label=f"{name} test")
+                     [h["test_loss"] for h in hist if h["test_loss"] is not None],
+                     color=c, ls="--", label=f"{name} test")
         ev = [h for h in hist if h["test_acc"] is not None]    # epochs that were evaluated
-        ax_acc.plot([h["epoch"] for h in ev], [100 * h["test_acc"] for h in ev], color=c, label=name)
-    ax_loss.set(xlabel="epoch", ylabel="loss"); ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
-    ax_loss.legend(fontsize=8); ax_acc.legend(fontsize=8)
+        ax_acc.plot([h["epoch"] for h in ev], [100 * h["test_acc"] for h in ev],
+                    color=c, label=name)
+    ax_loss.set(xlabel="epoch", ylabel="loss")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
+    ax_loss.legend(fontsize=8)
+    ax_acc.legend(fontsize=8)
     fig.tight_layout()
     return fig
