@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
-from vitsd_nbdev.data import STATS, AugmentConfig, DeviceLoader
+from vitsd_nbdev.data import STATS, AugmentConfig
+from vitsd_nbdev.fastdata import DeviceLoader
 
 
 def cpu_name() -> str:

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import PAPER, SMOKE, build, environment, interleaved, make_step, summary  # noqa: E402
 from bench_amp import ratios, run as run_amp  # noqa: E402
-from vitsd_nbdev.data import get_device_loaders  # noqa: E402
+from vitsd_nbdev.fastdata import get_device_loaders  # noqa: E402
 from vitsd_nbdev.training import TrainConfig, amp_dtype, evaluate, load_checkpoint, train  # noqa: E402
 from vitsd_nbdev.vit import create_model  # noqa: E402
 

@@ -13,10 +13,11 @@ from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
-from vitsd_nbdev.data import (DATASETS, ERASE_RATIO, ERASE_SCALE, STATS, AugmentConfig, DatasetInfo, DeviceLoader,
+from vitsd_nbdev.data import (DATASETS, ERASE_RATIO, ERASE_SCALE, STATS, AugmentConfig, DatasetInfo,
                               FileImages, channel_stats, default_augment, eval_transform, get_dataset,
-                              get_device_loaders, get_loaders, mix_batch, random_crop_batch, random_erasing_batch,
-                              random_flip_batch, read_image, resize_square, to_tensors, train_transform)
+                              get_loaders, mix_batch, read_image, resize_square, train_transform)
+from vitsd_nbdev.fastdata import (DeviceLoader, get_device_loaders, random_crop_batch, random_erasing_batch,
+                                  random_flip_batch, to_tensors)
 
 CIFAR = os.environ.get("VITSD_CIFAR10")   # a CIFAR-10 copy as an image folder with train/ and test/, if any
 DIGITS_MEAN, DIGITS_STD = STATS["digits"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from vitsd_nbdev import __version__
 from vitsd_nbdev.cli import demo, train_parser
-from vitsd_nbdev.data import get_device_loaders
+from vitsd_nbdev.fastdata import get_device_loaders
 from vitsd_nbdev.training import TrainConfig, evaluate, load_checkpoint, lr_at, param_groups, save_checkpoint, train
 from vitsd_nbdev.vit import create_model
 

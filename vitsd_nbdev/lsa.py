@@ -17,22 +17,28 @@ __all__ = ['attention', 'attention_weights', 'attention_entropy', 'locality_atte
 
 # %% ../nbs/04_lsa.ipynb #47f0f95b
 def _check_qkv(q, k, v=None):
-    "Raise a one-line ValueError unless q, k (and v) are [B, heads, N, head_dim] tensors that fit together."
+    "Raise a one-line ValueError unless q, k (and v) are [B, heads, N, head_dim] tensors that fit."
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
     for name, t in named:
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
-            raise ValueError(f"expected {name} of shape [B, heads, N, head_dim], got {tuple(getattr(t, 'shape', ()))}; split the heads first, e.g. rearrange(t, 'b n (h d) -> b h n d', h=heads)")
+            raise ValueError(f"expected {name} of shape [B, heads, N, head_dim], "
+                             f"got {tuple(getattr(t, 'shape', ()))}; split the heads first, "
+                             "e.g. rearrange(t, 'b n (h d) -> b h n d', h=heads)")
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
     if q.shape != k.shape or (v is not None and v.shape[:-1] != k.shape[:-1]):
-        raise ValueError("q and k must have the same shape and v the same [B, heads, N], got " + ", ".join(f"{n} {tuple(t.shape)}" for n, t in named))
+        raise ValueError(f"q and k must have the same shape and v the same [B, heads, N], "
+                         f"got {shapes}")
     if any(t.dtype != q.dtype for _, t in named):
-        raise ValueError("q, k and v must share one dtype, got " + ", ".join(f"{n} {t.dtype}" for n, t in named) + "; cast them with .to(dtype)")
+        dtypes = ", ".join(f"{n} {t.dtype}" for n, t in named)
+        raise ValueError(f"q, k and v must share one dtype, got {dtypes}; "
+                         "cast them with .to(dtype)")
 
 def attention(
     q: torch.Tensor,  # queries [B, heads, N, head_dim]
     k: torch.Tensor,  # keys [B, heads, N, head_dim]
     v: torch.Tensor,  # values [B, heads, N, head_dim_v]
 ) -> torch.Tensor:    # [B, heads, N, head_dim_v]
-    "Standard scaled dot-product attention SA = softmax(q kᵀ / √d_k) v, on PyTorch's fused kernels."
+    "Standard scaled dot-product attention SA = softmax(q kᵀ / √d_k) v, with PyTorch's SDPA."
     _check_qkv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
@@ -45,29 +51,33 @@ def _check_temperature(temperature, heads: int):
                              f"got shape {tuple(temperature.shape)}")
         bad = ~(temperature.isfinite() & (temperature > 0))
         if not temperature.requires_grad and bool(bad.any()):  # a learned τ is the model's own
-            raise ValueError(f"temperature must be positive and finite, got {temperature.tolist()}: "
+            raise ValueError(f"temperature must be positive and finite, "
+                             f"got {temperature.tolist()}: "
                              "τ divides the logits (0 gives NaN, a negative τ inverts attention)")
         return temperature if temperature.ndim == 0 else temperature[:, None, None]
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a positive finite number or a tensor of shape [heads], "
+        raise ValueError(f"temperature must be a positive finite number "
+                         f"or a tensor of shape [heads], "
                          f"got {temperature!r}")
     return float(temperature)
 
 @functools.lru_cache(maxsize=64)
 def _cached_diag_mask(n: int, device) -> torch.Tensor:
-    with torch.inference_mode(False):  # a cached inference tensor could not be used in a later training step
+    with torch.inference_mode(False):  # usable in a training step even if first built in evaluation
         return ~torch.eye(n, dtype=torch.bool, device=device)
 
 def _diag_mask(n: int, device=None) -> torch.Tensor:
-    "Boolean [n, n] mask, True where a query may attend: everywhere except the diagonal (cached per n and device; a constant of the graph under torch.compile)."
+    "Boolean [n, n] mask, True where a query may attend: everywhere except the diagonal."
     if n < 2:
-        raise ValueError(f"the diagonal mask needs at least 2 tokens, got N = {n}: it would mask every key of the row; use diag_mask=False for a single token")
-    if torch.compiler.is_compiling(): return ~torch.eye(n, dtype=torch.bool, device=device)
-    return _cached_diag_mask(n, device)
+        raise ValueError(f"the diagonal mask needs at least 2 tokens, got N = {n}: it would mask "
+                         "every key of the row; use diag_mask=False for a single token")
+    if torch.compiler.is_compiling():  # a constant of the graph
+        return ~torch.eye(n, dtype=torch.bool, device=device)
+    return _cached_diag_mask(n, device)  # built once per n and device (see the appendix)
 
 def _logit_mask(n: int, diag_mask: bool, bias: torch.Tensor | None, device, dtype):
-    "SDPA's attn_mask: None, the boolean diagonal mask, the additive `bias`, or the bias with -inf on the diagonal."
+    "SDPA's attn_mask: None, the diagonal mask, the additive `bias`, or the bias, diagonal -inf."
     mask = _diag_mask(n, device) if diag_mask else None
     if bias is None: return mask
     bias = bias.to(dtype)
@@ -76,24 +86,29 @@ def _logit_mask(n: int, diag_mask: bool, bias: torch.Tensor | None, device, dtyp
 def attention_weights(
     q: torch.Tensor,    # queries [B, heads, N, head_dim]
     k: torch.Tensor,    # keys [B, heads, N, head_dim]
-    temperature: float | torch.Tensor | None = None,  # τ: a positive float, a 0-d tensor or one value per head [heads]; None means √head_dim (standard SA)
-    diag_mask: bool = False,  # exclude each token's relation with itself (weight exactly 0 on the diagonal)
-    bias: torch.Tensor | None = None,  # additive logit bias, broadcastable to [B, heads, N, N], added after dividing by τ
+    temperature: float | torch.Tensor | None = None,  # τ: a number, 0-d or [heads]; None: √head_dim
+    diag_mask: bool = False,  # exclude each token's relation with itself (weight 0 on the diagonal)
+    bias: torch.Tensor | None = None,  # logit bias broadcastable to [B, heads, N, N], after /τ
 ) -> torch.Tensor:      # probabilities [B, heads, N, N] in q's dtype; each row sums to 1
-    "Attention probabilities softmax(R / τ + bias), optionally with the diagonal masked, computed explicitly for analysis."
+    "Attention probabilities softmax(R / τ + bias), the diagonal optionally masked, explicitly."
     _check_qkv(q, k)
-    tau = _check_temperature(math.sqrt(q.shape[-1]) if temperature is None else temperature, q.shape[1])
+    tau = math.sqrt(q.shape[-1]) if temperature is None else temperature
+    tau = _check_temperature(tau, q.shape[1])
     logits = (q @ k.transpose(-2, -1)) / tau
-    if bias is not None: logits = logits + bias
-    if diag_mask: logits = logits.masked_fill(~_diag_mask(q.shape[-2], q.device), float("-inf"))
+    if bias is not None:
+        logits = logits + bias
+    if diag_mask:
+        logits = logits.masked_fill(~_diag_mask(q.shape[-2], q.device), float("-inf"))
     return logits.softmax(dim=-1).to(q.dtype)
 
 def attention_entropy(
-    weights: torch.Tensor,  # probabilities [..., N], each row summing to 1 (e.g. from `attention_weights`)
+    weights: torch.Tensor,  # probabilities [..., N], rows summing to 1 (e.g. `attention_weights`)
 ) -> torch.Tensor:          # entropy in nats of each row, shape weights.shape[:-1]
     "Entropy -Σ p log p of each attention row: 0 for a one-hot row, log N for a uniform one."
     if not isinstance(weights, torch.Tensor) or weights.ndim < 1:
-        raise ValueError(f"expected attention weights [..., N], got {type(weights).__name__} of shape {tuple(getattr(weights, 'shape', ()))}")
+        shape = tuple(getattr(weights, "shape", ()))
+        raise ValueError(f"expected attention weights [..., N], "
+                         f"got {type(weights).__name__} of shape {shape}")
     return -torch.special.xlogy(weights, weights).sum(dim=-1)       # xlogy: 0 log 0 = 0
 
 # %% ../nbs/04_lsa.ipynb #b1ab3713
@@ -101,15 +116,16 @@ def locality_attention(
     q: torch.Tensor,         # queries [B, heads, N, head_dim]
     k: torch.Tensor,         # keys [B, heads, N, head_dim]
     v: torch.Tensor,         # values [B, heads, N, head_dim_v]
-    temperature: float | torch.Tensor,  # τ: one value per head [heads] (e.g. a learned parameter), a 0-d tensor or a positive float
-    diag_mask: bool = True,  # exclude each token's relation with itself (the paper's R^M); needs N ≥ 2
-    bias: torch.Tensor | None = None,  # additive logit bias, broadcastable to [B, heads, N, N] (e.g. Swin's relative-position bias and window mask)
+    temperature: float | torch.Tensor,  # τ: a positive number, a 0-d tensor or one value per head
+    diag_mask: bool = True,  # exclude each token's relation with itself (the paper's R^M); N ≥ 2
+    bias: torch.Tensor | None = None,  # additive logit bias, broadcastable to [B, heads, N, N]
 ) -> torch.Tensor:           # [B, heads, N, head_dim_v]
-    "Locality self-attention softmax(R^M / τ + bias) v on fused kernels: q is divided by τ, the diagonal masked out."
+    "Locality self-attention softmax(R^M / τ + bias) v with SDPA: q divided by τ, diagonal masked."
     _check_qkv(q, k, v)
     tau = _check_temperature(temperature, q.shape[1])
     mask = _logit_mask(q.shape[-2], diag_mask, bias, q.device, q.dtype)
-    if isinstance(tau, float): return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / tau)  # a number: the kernel's scale
+    if isinstance(tau, float):  # a number: the kernel's scale
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / tau)
     return F.scaled_dot_product_attention((q / tau).to(q.dtype), k, v, attn_mask=mask, scale=1.0)
 
 # %% ../nbs/04_lsa.ipynb #3d7c1882

@@ -33,7 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
-from .data import DeviceLoader, get_dataset, get_device_loaders, stratified_split
+from .data import get_dataset, stratified_split
+from .fastdata import DeviceLoader, get_device_loaders
 from .vit import ADD_ON_MODELS, PRESETS, VARIANTS, count_params, create_model
 
 # %% auto #0
