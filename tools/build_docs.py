@@ -197,6 +197,11 @@ def front_matter(src):
     return yaml.safe_load(src.strip().strip("-")) or {}
 
 
+def repo_links(md):
+    "Links to notebooks (`01_patches.ipynb`) -> to their files in the repository, as GitHub shows them."
+    return re.sub(r"\]\(([\w.-]+\.ipynb)", r"](nbs/\1", md)
+
+
 def readme(nb, cfg):
     "GitHub-flavoured README.md from the processed index notebook (front matter -> title + summary)."
     out = []
@@ -206,8 +211,7 @@ def readme(nb, cfg):
             fm = front_matter(src)
             out.append(f"# {fm.get('title', cfg.title)}")
             if fm.get("description"): out.append(f"> {fm['description']}")
-        elif c["cell_type"] == "markdown":  # links to notebooks: to their files in the repo, as GitHub shows them
-            out.append(re.sub(r"\]\(([\w.-]+\.ipynb)", r"](nbs/\1", src.strip()))
+        elif c["cell_type"] == "markdown": out.append(repo_links(src.strip()))
         elif c["cell_type"] == "code":
             opts, code = split_options(src)
             if opts.get("include") == "false": continue
@@ -215,7 +219,7 @@ def readme(nb, cfg):
             if opts.get("output") == "false": continue
             for o in c.get("outputs", []):  # text only: figures are left to the docs site
                 d = o.get("data", {})
-                if "text/markdown" in d: out.append(text(d["text/markdown"]).strip())
+                if "text/markdown" in d: out.append(repo_links(text(d["text/markdown"]).strip()))
                 elif o.get("output_type") == "stream": out.append("```\n" + text(o["text"]).rstrip("\n") + "\n```")
                 elif "text/plain" in d and not any(k.startswith("image/") for k in d):
                     out.append("```\n" + text(d["text/plain"]).rstrip("\n") + "\n```")
