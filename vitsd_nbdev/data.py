@@ -35,13 +35,13 @@ class DatasetInfo:
     name: str                              # the name given to `get_dataset`
     num_classes: int                       # K, the number of classes
     in_chans: int                          # C: 1 (grayscale) or 3 (RGB)
-    image_size: int | None                 # side of the square images; None when a folder's images differ in size
-    mean: tuple[float, ...] | None = None  # training-split channel mean in [0, 1] units (from `STATS`); None: not known
-    std: tuple[float, ...] | None = None   # training-split channel standard deviation in [0, 1] units; None: not known
+    image_size: int | None                 # side of the square images; None: a folder's sizes vary
+    mean: tuple[float, ...] | None = None  # training-split channel mean in [0, 1]; None: not known
+    std: tuple[float, ...] | None = None   # training-split channel std in [0, 1]; None: not known
 
 
 class ImageDataset(Dataset):
-    "Map-style dataset of (uint8 image [C, H, W], int label) pairs with `classes`, `info` and an optional `transform`."
+    "Map-style dataset of (uint8 image [C, H, W], int label) pairs; `classes`, `info`, `transform`."
     def __init__(self,
                  name: str,                # dataset name, as given to `get_dataset`
                  split: str,               # 'train' or 'test'
@@ -49,7 +49,7 @@ class ImageDataset(Dataset):
                  labels,                   # one int label per image
                  in_chans: int,            # channels of every image
                  image_size: int | None,   # side of every (square) image; None: sizes vary
-                 transform=None,           # applied to the uint8 image in `__getitem__`, e.g. `train_transform(...)`
+                 transform=None,           # applied to each uint8 image: e.g. `train_transform`
                 ):
         self.name, self.split, self.classes = name, split, list(classes)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
@@ -71,7 +71,8 @@ class ImageDataset(Dataset):
 
     def __repr__(self):
         size = f"{self.image_size}×{self.image_size}" if self.image_size else "sizes vary"
-        return f"{type(self).__name__}({self.name!r}, split={self.split!r}: {len(self)} images, {len(self.classes)} classes, {self.in_chans} channel(s), {size})"
+        return (f"{type(self).__name__}({self.name!r}, split={self.split!r}: {len(self)} images, "
+                f"{len(self.classes)} classes, {self.in_chans} channel(s), {size})")
 
 # %% ../nbs/06_data.ipynb #6bb9ddfb
 def resize_square(
@@ -92,9 +93,11 @@ class TensorImages(ImageDataset):
                  transform=None,
                 ):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != images.shape[-2]:
-            raise ValueError(f"expected square uint8 images [N, C, S, S], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"expected square uint8 images [N, C, S, S], "
+                             f"got {images.dtype} {tuple(images.shape)}")
         super().__init__(name, split, classes, labels, images.shape[1], images.shape[-1], transform)
-        if len(self.labels) != len(images): raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+        if len(self.labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
         self.images = images
 
     def load(self, i): return self.images[i]
@@ -204,7 +207,7 @@ class FileImages(ImageDataset):
                  files: Sequence[str],     # one path per image
                  labels,                   # one int label per image
                  in_chans: int,            # every image is converted to this many channels
-                 image_size: int | None,   # the side of every image (checked), or the side to resize to
+                 image_size: int | None,   # side of every image (checked), or the side to resize to
                  resize: bool = False,     # resize and centre-crop every image to `image_size`
                  transform=None,
                 ):
@@ -216,12 +219,14 @@ class FileImages(ImageDataset):
         if self.resize: return resize_square(x, self.image_size)
         S = self.image_size
         if S is not None and tuple(x.shape[-2:]) != (S, S):
-            raise ImageFileError(f"{self.files[i]} is {x.shape[-1]}×{x.shape[-2]} but this dataset's images are {S}×{S}: pass image_size= to get_dataset to resize them all")
+            raise ImageFileError(f"{self.files[i]} is {x.shape[-1]}×{x.shape[-2]} but this"
+                                 f" dataset's images are {S}×{S}: pass image_size= to get_dataset"
+                                 " to resize them all")
         return x
 
     @property
     def cache_key(self) -> str:
-        "A fingerprint of the files (paths, sizes, modification times), labels and decoding settings."
+        "Fingerprint of the files (paths, sizes, modification times), labels and decoding settings."
         h = hashlib.sha1(f"{self.in_chans}|{self.image_size}|{self.resize}".encode())
         for f, y in zip(self.files, self.labels.tolist()):
             st = os.stat(f)
@@ -232,7 +237,7 @@ class FileImages(ImageDataset):
 _GRAY_MODES = {"1", "L", "LA", "F"} | _16BIT_MODES
 
 def _probe(files: Sequence[str], k: int = 32) -> tuple[int, int | None]:
-    "Channels (1 if all grayscale, else 3) and common square side (None if they differ) of up to k evenly spaced files."
+    "Channels (1 if all gray, else 3) and common square side (or None) of ≤ k evenly spaced files."
     modes, sizes = set(), set()
     for f in files[::max(1, len(files) // k)][:k]:
         try:
@@ -248,34 +253,43 @@ def _probe(files: Sequence[str], k: int = 32) -> tuple[int, int | None]:
 def _image_folder(name: str, path: str, split: str, image_size: int | None) -> FileImages:
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"no folder {root} (from {name!r}): expected {root}/<class>/*.png|jpg or {root}/<split>/<class>/*.png|jpg")
+        raise FileNotFoundError(f"no folder {root} (from {name!r}): expected"
+                                f" {root}/<class>/*.png|jpg or {root}/<split>/<class>/*.png|jpg")
     has_splits = (root / "train").is_dir()
     classes, class_to_idx = find_classes(root / "train" if has_splits else root)
     if len(classes) < 2:
         raise ValueError(f"{root / 'train' if has_splits else root} has one class folder, "
                          f"{classes[0]!r}: a classifier needs two or more, one folder per class")
-    if has_splits:                                      # split folders: <root>/<split>/<class>/...
+    if has_splits:                              # split folders: <root>/<split>/<class>/...
         splits = sorted(d.name for d in root.iterdir() if d.is_dir())
-        if split not in splits: raise ValueError(f"{root} has the split folders {splits}, not {split!r}")
+        if split not in splits:
+            raise ValueError(f"{root} has the split folders {splits}, not {split!r}")
         extra = sorted(set(find_classes(root / split)[0]) - set(classes))
-        if extra: raise ValueError(f"{root / split} has class folders that {root / 'train'} lacks: {extra[:5]}")
+        if extra:
+            raise ValueError(f"{root / split} has class folders that {root / 'train'} lacks: "
+                             f"{extra[:5]}")
         train = make_dataset(root / "train", class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-        samples = train if split == "train" else make_dataset(root / split, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-    else:                                               # class folders only: a fixed stratified 80/20 split
-        if split not in ("train", "test"): raise ValueError(f"{root} has no split folders, so its splits are 'train' and 'test' (80/20), not {split!r}")
+        samples = train if split == "train" else make_dataset(root / split, class_to_idx,
+                                                              IMG_EXTENSIONS, allow_empty=True)
+    else:                                       # class folders only: a fixed stratified 80/20 split
+        if split not in ("train", "test"):
+            raise ValueError(f"{root} has no split folders, so its splits are 'train' and 'test'"
+                             f" (80/20), not {split!r}")
         every = make_dataset(root, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
         if len(every) == 0: raise FileNotFoundError(f"no image files in {root}/<class>/")
         try:
             tr, te = stratified_split([classes[y] for _, y in every], 0.2, seed=0)
         except ValueError as e:
-            raise ValueError(f"cannot split {root} 80/20 by class ({e}); put the images in {root}/train/<class>/ and {root}/test/<class>/ instead") from None
+            raise ValueError(f"cannot split {root} 80/20 by class ({e}); put the images in "
+                             f"{root}/train/<class>/ and {root}/test/<class>/ instead") from None
         train = [every[i] for i in tr]
         samples = train if split == "train" else [every[i] for i in te]
     if len(samples) == 0: raise FileNotFoundError(f"no image files in {root}/{split}/<class>/")
     if len(train) == 0: raise FileNotFoundError(f"no image files in {root}/train/<class>/")
     in_chans, size = _probe([f for f, _ in train])
     files, labels = zip(*samples)
-    return FileImages(name, split, classes, files, labels, in_chans, image_size or size, resize=image_size is not None)
+    return FileImages(name, split, classes, files, labels, in_chans, image_size or size,
+                      resize=image_size is not None)
 
 # %% ../nbs/06_data.ipynb #701f6031
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -288,47 +302,67 @@ def _tiny_imagenet(root: str, split: str, download: bool, image_size: int | None
         from torchvision.datasets.utils import download_and_extract_archive
         try: download_and_extract_archive(TINY_IMAGENET_URL, download_root=str(root))
         except Exception as e:
-            raise FileNotFoundError(f"could not download {TINY_IMAGENET_URL} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download and unzip it into {root} by hand") from None
+            raise FileNotFoundError(f"could not download {TINY_IMAGENET_URL} ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}); "
+                                    f"download and unzip it into {root} by hand") from None
         missing = [n for n in needed if not (base / n).exists()]
     if missing:
-        raise FileNotFoundError(f"Tiny-ImageNet is not in {base} (missing {', '.join(missing)}): unzip {TINY_IMAGENET_URL} into {root}, or pass download=True")
+        raise FileNotFoundError(f"Tiny-ImageNet is not in {base} (missing {', '.join(missing)}): "
+                                f"unzip {TINY_IMAGENET_URL} into {root}, or pass download=True")
     wnids = sorted((base / "wnids.txt").read_text().split())
     idx = {w: k for k, w in enumerate(wnids)}
     if split == "train":
-        samples = [(f, idx[w]) for w in wnids for f in sorted((base / "train" / w / "images").glob("*.JPEG"))]
+        samples = [(f, idx[w]) for w in wnids
+                   for f in sorted((base / "train" / w / "images").glob("*.JPEG"))]
     else:
-        rows = [r.split("\t") for r in (base / "val" / "val_annotations.txt").read_text().splitlines() if r.strip()]
+        rows = [r.split("\t")
+                for r in (base / "val" / "val_annotations.txt").read_text().splitlines()
+                if r.strip()]
         unknown = sorted({r[1] for r in rows} - set(idx))
-        if unknown: raise ValueError(f"{base}/val/val_annotations.txt names classes not in wnids.txt: {unknown[:5]}")
+        if unknown:
+            raise ValueError(f"{base}/val/val_annotations.txt names classes not in wnids.txt: "
+                             f"{unknown[:5]}")
         samples = [(base / "val" / "images" / r[0], idx[r[1]]) for r in rows]
     if not samples: raise FileNotFoundError(f"no images for split {split!r} in {base}")
     files, labels = zip(*samples)
-    return FileImages("tiny_imagenet", "train" if split == "train" else "test", wnids, files, labels, 3,
-                      image_size or 64, resize=image_size is not None)
+    return FileImages("tiny_imagenet", "train" if split == "train" else "test", wnids, files,
+                      labels, 3, image_size or 64, resize=image_size is not None)
 
 # %% ../nbs/06_data.ipynb #cb8eabbd
 _TORCHVISION_FILES = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+    "cifar10": ("cifar-10-batches-py",
+                [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
     "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
     "svhn": (".", ["train_32x32.mat", "test_32x32.mat"]),
 }
 
-def _torchvision(name: str, root: str, split: str, download: bool, image_size: int | None) -> TensorImages:
+def _torchvision(name: str, root: str, split: str, download: bool,
+                 image_size: int | None) -> TensorImages:
     from torchvision import datasets
     folder, files = _TORCHVISION_FILES[name]
     if name == "svhn": files = [f"{split}_32x32.mat"]
     where = Path(root) / folder
     missing = [f for f in files if not (where / f).exists()]
     if missing and not download:
-        raise FileNotFoundError(f"{name} is not in {where}: missing {', '.join(missing)}; pass download=True to fetch it (needs internet), or copy the files there")
+        raise FileNotFoundError(f"{name} is not in {where}: missing {', '.join(missing)};"
+                                " pass download=True to fetch it (needs internet),"
+                                " or copy the files there")
     try:
         if name == "svhn": ds = datasets.SVHN(root, split=split, download=download)
-        else: ds = (datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)(root, train=split == "train", download=download)
+        else:
+            ds = (datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)(
+                root, train=split == "train", download=download)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ""
-        raise FileNotFoundError(f"could not {'download' if download else 'read'} {name} into {where} ({type(e).__name__}: {msg}); without internet, copy {', '.join(files)} there") from None
-    if name == "svhn": images, labels, classes = torch.from_numpy(ds.data), torch.from_numpy(ds.labels), [str(k) for k in range(10)]
-    else: images, labels, classes = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), ds.targets, ds.classes
+        raise FileNotFoundError(f"could not {'download' if download else 'read'} {name} into"
+                                f" {where} ({type(e).__name__}: {msg}); without internet, copy"
+                                f" {', '.join(files)} there") from None
+    if name == "svhn":
+        images, labels, classes = (torch.from_numpy(ds.data), torch.from_numpy(ds.labels),
+                                   [str(k) for k in range(10)])
+    else:
+        images, labels, classes = (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                                   ds.targets, ds.classes)
     if image_size is not None: images = resize_square(images, image_size)
     return TensorImages(name, split, classes, images, labels)
 
@@ -336,23 +370,26 @@ def _torchvision(name: str, root: str, split: str, download: bool, image_size: i
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "tiny_imagenet", "imagefolder:<path>")
 
 def get_dataset(
-    name: str,                     # one of `DATASETS`: 'digits', 'cifar10', 'cifar100', 'svhn', 'tiny_imagenet' or 'imagefolder:<path>'
-    root: str | Path = "data",     # folder of the downloadable datasets (not used by 'digits' and 'imagefolder:')
-    split: str = "train",          # 'train' or 'test' ('val' = 'test' for Tiny-ImageNet; a folder's own split names)
-    download: bool = False,        # fetch CIFAR/SVHN/Tiny-ImageNet into `root` if missing (needs internet)
-    image_size: int | None = None, # resize (shorter side) and centre-crop every image to this square size
-) -> ImageDataset:                 # (uint8 image [C, H, W], int label) pairs with `.classes` and `.info`
+    name: str,                     # one of `DATASETS`, e.g. 'cifar10' or 'imagefolder:<path>'
+    root: str | Path = "data",     # folder of CIFAR/SVHN/Tiny-ImageNet (unused by the others)
+    split: str = "train",          # 'train' or 'test' ('val' for Tiny-ImageNet; folders: their own)
+    download: bool = False,        # fetch CIFAR/SVHN/Tiny-ImageNet if missing (needs internet)
+    image_size: int | None = None, # resize (shorter side) and centre-crop to this square size
+) -> ImageDataset:                 # (uint8 image [C, H, W], int label) pairs; `.classes`, `.info`
     "Load a dataset by name as (uint8 image, int label) pairs."
-    if image_size is not None and image_size < 1: raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
     if name.startswith("imagefolder:"):
         path = name[len("imagefolder:"):]
         if not path.strip():
             raise ValueError(f"{name!r} names no folder: write imagefolder:<path> "
                              "(is a shell variable in it unset?)")
         return _image_folder(name, path, split, image_size)
-    if name not in DATASETS[:-1]: raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name not in DATASETS[:-1]:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     splits = ("train", "test", "val") if name == "tiny_imagenet" else ("train", "test")
-    if split not in splits: raise ValueError(f"{name} has the splits {', '.join(splits)}, not {split!r}")
+    if split not in splits:
+        raise ValueError(f"{name} has the splits {', '.join(splits)}, not {split!r}")
     if name == "digits": return _digits(split, image_size)
     if name == "tiny_imagenet": return _tiny_imagenet(str(root), split, download, image_size)
     return _torchvision(name, str(root), split, download, image_size)
@@ -365,7 +402,9 @@ def channel_stats(
     "Per-channel mean and standard deviation over all pixels of a set of images."
     if isinstance(data, TensorImages): data = data.images
     if isinstance(data, torch.Tensor):
-        if data.dtype != torch.uint8 or data.ndim != 4: raise ValueError(f"expected uint8 images [N, C, H, W], got {data.dtype} {tuple(data.shape)}")
+        if data.dtype != torch.uint8 or data.ndim != 4:
+            raise ValueError(f"expected uint8 images [N, C, H, W], "
+                             f"got {data.dtype} {tuple(data.shape)}")
         chunks = data.split(1024)
     else:
         raw = copy.copy(data); raw.transform = None
@@ -382,36 +421,42 @@ def channel_stats(
 
 # %% ../nbs/06_data.ipynb #10cbd359
 STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "digits": ((0.3054,), (0.3760,)),                                          # recomputed in this chapter and in tests
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),           # published; not recomputed here
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),          # published; not recomputed here
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),              # published; not recomputed here
-    "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),     # official code; not recomputed here
+    # recomputed in this chapter and in tests; the others are not recomputed here
+    "digits": ((0.3054,), (0.3760,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),        # published
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),       # published
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),           # published
+    "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),  # official code
 }
 
 # %% ../nbs/06_data.ipynb #1f083e38
-AUTOAUGMENT_POLICIES = {"cifar10": v2.AutoAugmentPolicy.CIFAR10, "svhn": v2.AutoAugmentPolicy.SVHN, "imagenet": v2.AutoAugmentPolicy.IMAGENET}
-ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)   # random erasing: area fraction and aspect-ratio ranges (official code)
+AUTOAUGMENT_POLICIES = {"cifar10": v2.AutoAugmentPolicy.CIFAR10, "svhn": v2.AutoAugmentPolicy.SVHN,
+                        "imagenet": v2.AutoAugmentPolicy.IMAGENET}
+# random erasing: area fraction and aspect-ratio ranges (official code)
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)
 
 @dataclass(frozen=True)
 class AugmentConfig:
     "The paper's training augmentation; each part is switched off by 0, False or None."
-    crop_padding: int = 4              # random crop after zero-padding each side by this many pixels; 0: off
+    crop_padding: int = 4              # pad each side by this many zeros, then random-crop; 0: off
     flip: bool = True                  # random horizontal flip with probability 1/2
-    autoaugment: str | None = "cifar10"  # AutoAugment policy: 'cifar10', 'svhn' or 'imagenet'; None: off
-    random_erasing: float = 0.25       # probability of erasing a random rectangle (after normalisation); 0: off
-    mix_prob: float = 0.5              # probability that a batch is mixed by Mixup or CutMix (chosen 50/50); 0: off
+    autoaugment: str | None = "cifar10"  # AutoAugment 'cifar10', 'svhn' or 'imagenet'; None: off
+    random_erasing: float = 0.25       # P(erasing a random rectangle), after normalisation; 0: off
+    mix_prob: float = 0.5              # P(a batch is mixed by Mixup or CutMix, 50/50); 0: off
     mixup_alpha: float = 1.0           # Mixup's Beta(α, α) parameter; 0: no Mixup
     cutmix_alpha: float = 1.0          # CutMix's Beta(β, β) parameter; 0: no CutMix
-    label_smoothing: float = 0.1       # for the loss, not the data: `F.cross_entropy(..., label_smoothing=...)`
+    label_smoothing: float = 0.1       # used by the loss (`F.cross_entropy`), not the data
 
     def __post_init__(self):
         if self.autoaugment is not None and self.autoaugment not in AUTOAUGMENT_POLICIES:
-            raise ValueError(f"unknown AutoAugment policy {self.autoaugment!r}; use one of {', '.join(AUTOAUGMENT_POLICIES)} or None")
+            raise ValueError(f"unknown AutoAugment policy {self.autoaugment!r}; "
+                             f"use one of {', '.join(AUTOAUGMENT_POLICIES)} or None")
         for k in ("random_erasing", "mix_prob", "label_smoothing"):
-            if not 0 <= getattr(self, k) <= 1: raise ValueError(f"{k} is a probability, between 0 and 1; got {getattr(self, k)}")
+            if not 0 <= getattr(self, k) <= 1:
+                raise ValueError(f"{k} is a probability, between 0 and 1; got {getattr(self, k)}")
         if self.crop_padding < 0 or self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ValueError("crop_padding, mixup_alpha and cutmix_alpha must be >= 0 (0 switches them off)")
+            raise ValueError("crop_padding, mixup_alpha and cutmix_alpha must be >= 0"
+                             " (0 switches them off)")
 
     @property
     def mixes(self) -> bool:
@@ -426,18 +471,20 @@ class AugmentConfig:
 # %% ../nbs/06_data.ipynb #47ae39cf
 def default_augment(
     name: str,                     # a dataset name, as for `get_dataset`
-    image_size: int | None = None, # the training image size (scales the crop padding for digits and image folders)
+    image_size: int | None = None, # training image size (scales crop padding: digits, folders)
 ) -> AugmentConfig:
-    "The default training augmentation of a dataset: the paper's recipe, adapted where the paper's does not fit."
+    "A dataset's default training augmentation: the paper's recipe, adapted where it does not fit."
     paper = AugmentConfig()
     if name in ("cifar10", "cifar100"): return paper
     if name == "svhn": return replace(paper, flip=False, autoaugment="svhn")
     if name == "tiny_imagenet": return replace(paper, autoaugment="imagenet")
     if name == "digits":
-        return AugmentConfig(crop_padding=max(1, (image_size or 8) // 8), flip=False, autoaugment=None,
-                             random_erasing=0.0, mix_prob=0.0, label_smoothing=0.1)
+        return AugmentConfig(crop_padding=max(1, (image_size or 8) // 8), flip=False,
+                             autoaugment=None, random_erasing=0.0, mix_prob=0.0,
+                             label_smoothing=0.1)
     if name.startswith("imagefolder:"):
-        return replace(paper, autoaugment="imagenet", crop_padding=max(1, round((image_size or 32) / 8)))
+        return replace(paper, autoaugment="imagenet",
+                       crop_padding=max(1, round((image_size or 32) / 8)))
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
 
 # %% ../nbs/06_data.ipynb #7cce60eb
@@ -447,13 +494,15 @@ def train_transform(
     std: Sequence[float],         # channel standard deviations in [0, 1] units
     cfg: AugmentConfig = AugmentConfig(),  # which augmentations to apply
 ) -> v2.Compose:                  # uint8 [C, H, W] -> float32 [C, H, W], augmented and normalised
-    "Per-sample training pipeline: crop + flip + AutoAugment on bytes, then normalise, then random erasing."
+    "Per-sample training pipeline: crop, flip, AutoAugment on bytes; normalise; random erasing."
     ops = []
     if cfg.crop_padding: ops.append(v2.RandomCrop(image_size, padding=cfg.crop_padding))
     if cfg.flip: ops.append(v2.RandomHorizontalFlip())
     if cfg.autoaugment: ops.append(v2.AutoAugment(AUTOAUGMENT_POLICIES[cfg.autoaugment]))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    if cfg.random_erasing: ops.append(v2.RandomErasing(cfg.random_erasing, scale=ERASE_SCALE, ratio=ERASE_RATIO, value=0))
+    if cfg.random_erasing:
+        ops.append(v2.RandomErasing(cfg.random_erasing, scale=ERASE_SCALE, ratio=ERASE_RATIO,
+                                    value=0))
     return v2.Compose(ops)
 
 
@@ -470,9 +519,10 @@ def mix_batch(
     labels: torch.Tensor,          # int64 labels [B]
     num_classes: int,              # K
     cfg: AugmentConfig = AugmentConfig(),  # uses mix_prob, mixup_alpha, cutmix_alpha
-) -> tuple[torch.Tensor, torch.Tensor]:    # images [B, C, H, W] and soft targets [B, K] (one-hot when not mixed)
-    "With probability mix_prob apply Mixup or CutMix (chosen 50/50) to a batch; targets become class distributions."
-    ops = [op(alpha=a, num_classes=num_classes) for op, a in ((v2.MixUp, cfg.mixup_alpha), (v2.CutMix, cfg.cutmix_alpha)) if a > 0]
+) -> tuple[torch.Tensor, torch.Tensor]:  # images [B, C, H, W], targets [B, K] (one-hot if unmixed)
+    "With probability mix_prob, apply Mixup or CutMix (50/50); targets become class distributions."
+    ops = [op(alpha=a, num_classes=num_classes)
+           for op, a in ((v2.MixUp, cfg.mixup_alpha), (v2.CutMix, cfg.cutmix_alpha)) if a > 0]
     if not ops or float(torch.rand(())) >= cfg.mix_prob:
         return images, F.one_hot(labels, num_classes).to(images.dtype)
     return ops[int(torch.randint(len(ops), ()))](images, labels)
@@ -480,17 +530,20 @@ def mix_batch(
 # %% ../nbs/06_data.ipynb #d163d6ac
 class MixCollate:
     "A `collate_fn` that stacks samples into a batch and then applies `mix_batch`."
-    def __init__(self, num_classes: int, cfg: AugmentConfig): self.num_classes, self.cfg = num_classes, cfg
+    def __init__(self, num_classes: int, cfg: AugmentConfig):
+        self.num_classes, self.cfg = num_classes, cfg
     def __call__(self, batch):
         x, y = default_collate(batch)
         return mix_batch(x, y, self.num_classes, self.cfg)
 
 
 def _with_stats(info: DatasetInfo, images, num_workers: int = 0) -> DatasetInfo:
-    "`info` with mean/std filled in from `channel_stats(images)` when `STATS` does not know the dataset."
+    "`info` with mean/std from `channel_stats(images)` when `STATS` does not know the dataset."
     if info.image_size is None:
-        raise ValueError(f"the images of {info.name} differ in size; pass image_size= to make them one square size")
-    return info if info.mean is not None else replace(info, **dict(zip(("mean", "std"), channel_stats(images, num_workers))))
+        raise ValueError(f"the images of {info.name} differ in size; "
+                         "pass image_size= to make them one square size")
+    return (info if info.mean is not None
+            else replace(info, **dict(zip(("mean", "std"), channel_stats(images, num_workers)))))
 
 
 def _augment_config(augment, name: str, image_size: int) -> AugmentConfig:
@@ -502,13 +555,13 @@ def get_loaders(
     name: str,                            # dataset name, as for `get_dataset`
     root: str | Path = "data",            # folder of the downloadable datasets
     batch_size: int = 128,                # images per batch (train and test)
-    augment: bool | AugmentConfig = True, # True: `default_augment(name)`; False/None: no augmentation; or a config
+    augment: bool | AugmentConfig = True, # True: `default_augment`; False/None: off; or a config
     image_size: int | None = None,        # resize and centre-crop to this square size
-    num_workers: int = 2,                 # worker processes per loader (0: load in the main process)
+    num_workers: int = 2,                 # worker processes per loader (0: load in this process)
     seed: int = 0,                        # seeds the shuffling order
     download: bool = False,               # fetch the dataset if missing (needs internet)
-) -> tuple[DataLoader, DataLoader, DatasetInfo]:  # train loader, test loader, dataset info with mean/std
-    "Training and test `DataLoader`s with the per-sample pipeline in workers and Mixup/CutMix on batches."
+) -> tuple[DataLoader, DataLoader, DatasetInfo]:  # train loader, test loader, info with mean/std
+    "Train and test `DataLoader`s: per-sample pipeline in workers, Mixup/CutMix on batches."
     train_ds = get_dataset(name, root, "train", download, image_size)
     test_ds = get_dataset(name, root, "test", download, image_size)
     info = _with_stats(train_ds.info, train_ds, num_workers)

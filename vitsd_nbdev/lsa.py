@@ -130,7 +130,7 @@ def locality_attention(
 
 # %% ../nbs/04_lsa.ipynb #3d7c1882
 class LearnedTemperature(nn.Module):
-    "A learned softmax temperature τ per head, stored as the official code's multiplier s = 1/τ or as τ."
+    "A learned softmax temperature τ per head, stored as the official multiplier s = 1/τ or as τ."
     def __init__(self,
                  heads: int,               # one τ per head
                  head_dim: int,            # d_k: τ starts at √d_k, where standard attention is
