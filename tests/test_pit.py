@@ -131,7 +131,7 @@ def test_one_epoch_of_training_on_digits(tmp_path):
 
 
 def test_cli_trains_a_pit(tmp_path, run_folder_check):
-    "The run folder rebuilds the PiT that the CLI trained, and its weights give the reported accuracy."
+    "The run folder rebuilds the PiT that the CLI trained; its weights give the reported accuracy."
     train_main(["--model", "pit", "--preset", "tiny", "--dataset", "digits", "--image-size", "16",
                 "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "32", "--no-progress",
                 "--out-dir", str(tmp_path)])
