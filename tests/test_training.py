@@ -110,12 +110,12 @@ def test_cli_help_describes_every_option_and_shows_defaults():
     assert r.returncode == 0 and __version__ in r.stdout
 
 
-def test_one_epoch_works_without_warmup_flags(tmp_path):
+def test_one_epoch_works_without_warmup_flags(tmp_path, run_folder_check):
     r = subprocess.run([BIN / "vitsd-train", "--dataset", "digits", "--image-size", "16", "--preset", "tiny",
                         "--epochs", "1", "--no-progress", "--out-dir", tmp_path], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "metrics.json").read_text())["summary"]["epochs_done"] == 1
+    assert run_folder_check(tmp_path)["summary"]["epochs_done"] == 1
 
 
 def test_run_folder_rebuilds_the_trained_model(tmp_path):
