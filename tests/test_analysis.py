@@ -78,18 +78,45 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match=r"\[..., N, N\]"): locality_shares(torch.ones(3, 4))
 
 
-def test_stats_and_temperatures_on_models():
+def test_stats_on_models():
     torch.manual_seed(0)
     m = create_model("sl_vit", 10, 16, preset="tiny", in_chans=1).eval()
     st = attention_stats(m.attention_maps(torch.randn(2, 1, 16, 16)), 2)
     assert all(v.shape == (2, 4) for v in st.values())
     assert torch.equal(st["self"], torch.zeros(2, 4, dtype=torch.float64))      # LSA masks the diagonal
     assert (st["entropy"] <= math.log(65) + 1e-6).all() and (st["entropy"] > 0).all()
-    assert torch.equal(temperatures(m), torch.full((2, 4), 4.0, dtype=torch.float64))
-    m.blocks[1].attn.temperature.set_(torch.tensor([4.0, 4.0, 1.5, 4.0]))
-    assert abs(temperatures(m)[1, 2] - 1.5) < 1e-6
     v = create_model("vit", 10, 16, preset="tiny", in_chans=1).eval()
     assert (attention_stats(v.attention_maps(torch.randn(2, 1, 16, 16)), 2)["self"] > 0).all()
+
+
+def _attention_with(m: nn.Module, x: torch.Tensor, tau: torch.Tensor) -> list[torch.Tensor]:
+    "Each block's attention weights recomputed by hand: softmax(q kᵀ / τ), LSA's mask if on."
+    maps, z = [], m.embed(x)
+    for block, t in zip(m.blocks, tau.float()):
+        a = block.attn
+        qkv = a.qkv(block.norm1(z)).unflatten(-1, (3, a.heads, a.head_dim))   # [B, N, 3, h, d]
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)     # [B, h, N, d]
+        logits = q @ k.transpose(-2, -1) / t[:, None, None]
+        if a.diag_mask: logits = logits.masked_fill(torch.eye(z.shape[1], dtype=bool), -math.inf)
+        maps.append(logits.softmax(-1))
+        z = block(z)
+    return maps
+
+
+@pytest.mark.parametrize("name", ["vit", "sl_vit"])
+def test_temperatures_are_the_taus_the_attention_divides_by(name):
+    "`temperatures` reports, per block and head, the τ that each attention softmax divides by."
+    torch.manual_seed(0)
+    m = create_model(name, 10, 16, preset="tiny", in_chans=1).eval()
+    if name == "sl_vit":                                # learned: a different τ in every head
+        for i, b in enumerate(m.blocks):
+            b.attn.temperature.set_(torch.tensor([4.0, 2.0, 1.5, 8.0]) + i)
+    tau = temperatures(m)
+    assert tau.shape == (2, 4) and tau.dtype == torch.float64
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        for got, want in zip(m.attention_maps(x), _attention_with(m, x, tau), strict=True):
+            torch.testing.assert_close(got, want)
 
 
 def test_effective_receptive_field():

@@ -110,12 +110,12 @@ def test_cli_help_describes_every_option_and_shows_defaults():
     assert r.returncode == 0 and __version__ in r.stdout
 
 
-def test_one_epoch_works_without_warmup_flags(tmp_path):
+def test_one_epoch_works_without_warmup_flags(tmp_path, run_folder_check):
     r = subprocess.run([BIN / "vitsd-train", "--dataset", "digits", "--image-size", "16", "--preset", "tiny",
                         "--epochs", "1", "--no-progress", "--out-dir", tmp_path], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "metrics.json").read_text())["summary"]["epochs_done"] == 1
+    assert run_folder_check(tmp_path)["summary"]["epochs_done"] == 1
 
 
 def test_run_folder_rebuilds_the_trained_model(tmp_path):
@@ -177,21 +177,20 @@ def test_best_weights_are_those_of_the_best_validation_epoch(tmp_path, monkeypat
     for k, v in snapshots[2].items(): assert torch.equal(best[k], v), k
     assert any(not torch.equal(best[k], v) for k, v in snapshots[3].items())
 
-def test_val_split_with_eval_every_chooses_among_evaluated_epochs(tmp_path):
-    s = train(TrainConfig(**TINY, epochs=3, eval_every=2, val_split=0.1, out_dir=str(tmp_path)), progress=False, log=False)
-    hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
-    assert [h["val_acc"] is None for h in hist] == [True, False, False]          # epochs 2 and 3 (the last)
-    assert s["best_epoch"] in (2, 3) and (tmp_path / "best.safetensors").is_file()
+def test_val_split_with_eval_every_chooses_among_evaluated_epochs(tmp_path, run_folder_check):
+    cfg = TrainConfig(**TINY, epochs=3, eval_every=2, val_split=0.1, out_dir=str(tmp_path))
+    s = train(cfg, progress=False, log=False)
+    hist = run_folder_check(tmp_path)["history"]          # best.safetensors: the best val epoch's
+    assert [h["val_acc"] is None for h in hist] == [True, False, False]   # epochs 2 and 3 (last)
+    assert s["best_epoch"] in (2, 3)
 
-def test_demo_reaches_a_sane_accuracy(tmp_path, capsys):
+def test_demo_reaches_a_sane_accuracy(tmp_path, capsys, run_folder_check):
     # the main job's recipe, shortened: after 10 epochs both models are far above the 10% of chance
     res = demo(tmp_path, epochs=10, progress=False)
     assert "seed 0, on cpu" in capsys.readouterr().out          # it names the device it ran on
     assert [r["model"] for r in res] == ["vit", "sl_vit"]
     assert all(r["final_acc"] >= 0.7 for r in res), res
-    for r in res:
-        for f in ("metrics.json", "curves.png", "config.json", "model.safetensors", "best.safetensors"):
-            assert (Path(r["out_dir"]) / f).is_file(), f
+    for r in res: assert run_folder_check(r["out_dir"])["summary"] == r   # weights give its numbers
 
 def test_compiled_training_matches_eager_on_cpu(tmp_path):
     "torch.compile (TrainConfig.compile) works on the CPU and trains the same model as eager mode, to rounding."

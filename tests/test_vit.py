@@ -1,4 +1,6 @@
 "ViT and SL-ViT (chapter 5): variants, sizes against the paper, gradients, bad input."
+import math
+
 import pytest
 import torch
 
@@ -75,3 +77,68 @@ def test_presets_and_bad_configs():
         create_model("vit", image_size=30, patch_size=4)
     with pytest.raises(ValueError, match="at least 2"):
         create_model("sl_vit", image_size=8, patch_size=1)
+
+
+def _moments(t: torch.Tensor) -> tuple[float, float, float]:
+    "Mean, standard deviation and kurtosis E[x⁴]/E[x²]² (3 for a normal, 1.8 for a uniform)."
+    x = t.detach().double().flatten()
+    x0 = x - x.mean()
+    return x.mean().item(), x.std().item(), ((x0 ** 4).mean() / (x0 ** 2).mean() ** 2).item()
+
+
+def test_initialisation_follows_the_official_code():
+    "Xavier-normal Linear weights, zero biases, unit LayerNorms, N(0, 1) class token and positions."
+    torch.manual_seed(0)
+    m = create_model("sl_vit", image_size=32)                 # the paper's CIFAR SL-ViT
+    linears = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(linears) == 1 + 4 * m.config.depth + 1        # SPT's, four a block, the head's
+    for name, lin in linears:
+        fan_out, fan_in = lin.weight.shape
+        mean, std, kurt = _moments(lin.weight)
+        expected = math.sqrt(2 / (fan_in + fan_out))
+        n = lin.weight.numel()
+        assert abs(mean) < 5 * expected / math.sqrt(n), name
+        assert abs(std / expected - 1) < 5 / math.sqrt(2 * n), (name, std, expected)
+        assert abs(kurt - 3) < 5 * math.sqrt(24 / n), (name, kurt)   # normal, not uniform
+        if lin.bias is not None: assert (lin.bias == 0).all(), name
+    norms = [mod for mod in m.modules() if isinstance(mod, torch.nn.LayerNorm)]
+    assert len(norms) == 1 + 2 * m.config.depth + 1         # SPT's, two a block, the head's
+    for ln in norms: assert (ln.weight == 1).all() and (ln.bias == 0).all()
+    for p in (m.embed.pos_embed, m.embed.cls_token):
+        mean, std, kurt = _moments(p)
+        assert abs(mean) < 5 / math.sqrt(p.numel()) and abs(std - 1) < 5 / math.sqrt(2 * p.numel())
+    assert abs(_moments(m.embed.pos_embed)[2] - 3) < 5 * math.sqrt(24 / m.embed.pos_embed.numel())
+    for b in m.blocks: assert (b.attn.temperature() == 4.0).all()   # τ = √d_k = √16
+
+
+def test_stochastic_depth_drops_whole_samples_in_training_only():
+    "Training drops each sample's residual branch with probability p; evaluation keeps them all."
+    p = 0.5
+    torch.manual_seed(0)
+    m = create_model("vit", image_size=16, preset="tiny", drop_path=p)
+    plain = create_model("vit", image_size=16, preset="tiny", drop_path=0.0)
+    plain.load_state_dict(m.state_dict())
+    calls = []                                  # (branch, its output) at every residual branch
+    for b in m.blocks: b.drop_path.register_forward_hook(lambda _, i, o: calls.append((i[0], o)))
+    x = torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        m.eval()
+        a, b = m(x), m(x)
+        assert torch.equal(a, b) and torch.equal(a, plain.eval()(x))
+        assert len(calls) == 2 * 2 * len(m.blocks) and all(torch.equal(i, o) for i, o in calls)
+        calls.clear()
+        m.train()
+        torch.manual_seed(1)
+        one = m(x)
+        dropped = []
+        for branch, out in calls:               # per sample: all zeros or branch / (1 - p)
+            zero = (out == 0).flatten(1).all(1)
+            torch.testing.assert_close(out[~zero], branch[~zero] / (1 - p))
+            assert 0 < zero.sum() < len(x)      # some samples dropped, others kept, in one call
+            dropped.append(zero.float().mean())
+        assert abs(torch.stack(dropped).mean() - p) < 0.1   # 256 draws: 4 standard deviations
+        torch.manual_seed(1)
+        assert torch.equal(m(x), one)           # the seed decides which branches drop
+        torch.manual_seed(2)
+        assert not torch.equal(m(x), one)
+        assert torch.equal(plain.train()(x), plain.eval()(x))   # p = 0: training changes nothing
