@@ -122,6 +122,9 @@ def locality_attention(
 ) -> torch.Tensor:           # [B, heads, N, head_dim_v]
     "Locality self-attention softmax(R^M / τ + bias) v with SDPA: q divided by τ, diagonal masked."
     _check_qkv(q, k, v)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
+        # PyTorch's fused CPU kernel is slow in bfloat16 training: explicit products (appendix 13)
+        return attention_weights(q, k, temperature, diag_mask, bias) @ v
     tau = _check_temperature(temperature, q.shape[1])
     mask = _logit_mask(q.shape[-2], diag_mask, bias, q.device, q.dtype)
     if isinstance(tau, float):  # a number: the kernel's scale
