@@ -1,4 +1,4 @@
-"""experiments/ablation.py: what a user sees before any long run (listing, data errors, the subset)."""
+"""experiments/ablation.py: what a user sees before a long run (listing, data errors, subset)."""
 import importlib.util, re
 from pathlib import Path
 
@@ -16,7 +16,8 @@ def test_list_counts_the_suite(tmp_path, capsys):
     (tmp_path / "cifar10_small").mkdir()
     (tmp_path / "cifar10_small" / "vit_seed1.json").write_text("{}")
     ablation.main(["--suite", "cifar10_small", "--list", "--results", str(tmp_path)])
-    assert capsys.readouterr().out.strip() == "cifar10_small: 1 of 21 runs done"   # 7 models x 3 seeds
+    # 7 models x 3 seeds
+    assert capsys.readouterr().out.strip() == "cifar10_small: 1 of 21 runs done"
 
 
 def test_cifar_suite_without_data_says_which_flag(tmp_path, capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"Locality diagnostics and results tables (chapter 8): defining cases, agreement with loops, bad input."
+"Locality diagnostics and results tables (chapter 8): defining cases, loop agreement, bad input."
 import json
 import math
 
@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from vitsd_nbdev.analysis import (ablation_markdown, attention_distance, paired_difference, attention_rollout, attention_stats, cls_attention,
-                                  effective_receptive_field, load_results, locality_shares, mean_std, patch_share,
-                                  rollout_cls_map, summarise_runs, temperatures, to_pixels, token_positions)
+from vitsd_nbdev.analysis import (ablation_markdown, attention_distance, paired_difference,
+                                  attention_rollout, attention_stats, cls_attention,
+                                  effective_receptive_field, load_results, locality_shares,
+                                  mean_std, patch_share, rollout_cls_map, summarise_runs,
+                                  temperatures, to_pixels, token_positions)
 from vitsd_nbdev.lsa import attention_entropy
 from vitsd_nbdev.vit import create_model
 
@@ -26,7 +28,8 @@ def naive_distance(w, patch_size):
 
 def test_entropy_one_hot_and_uniform():
     assert torch.equal(attention_entropy(torch.eye(10)), torch.zeros(10))
-    assert torch.allclose(attention_entropy(torch.full((3, 10), 0.1)), torch.full((3,), math.log(10)))
+    assert torch.allclose(attention_entropy(torch.full((3, 10), 0.1)),
+                          torch.full((3,), math.log(10)))
 
 
 def test_distance_identity_uniform_and_loops():
@@ -38,32 +41,38 @@ def test_distance_identity_uniform_and_loops():
     torch.manual_seed(0)
     w = torch.randn(10, 10).softmax(-1)
     assert attention_distance(w, 3).item() == pytest.approx(naive_distance(w, 3))
-    # the class token's column does not count: moving all weight to it leaves the patch rows' distance unchanged
+    # the class token's column does not count: moving all weight to it leaves the patch rows'
+    # distance unchanged
     w2 = w.clone(); w2[1:, 0] = 5.0; w2 = w2 / w2.sum(-1, keepdim=True)
     assert attention_distance(w2, 3).item() == pytest.approx(naive_distance(w, 3))
     # without a class token, a 3x3 grid's neighbour of the centre is one patch away
     w3 = torch.zeros(9, 9); w3[:, 4] = 1.0
-    assert attention_distance(w3, 2, cls_token=False).item() == pytest.approx(sum(2 * math.hypot(r - 1, c - 1) for r in range(3) for c in range(3)) / 9)
+    assert attention_distance(w3, 2, cls_token=False).item() == pytest.approx(
+        sum(2 * math.hypot(r - 1, c - 1) for r in range(3) for c in range(3)) / 9)
 
 
 def test_shares():
     own, nb = locality_shares(torch.eye(17))
     assert (own.item(), nb.item()) == (1.0, 0.0)
     own, nb = locality_shares(torch.full((17, 17), 1 / 17))
-    assert own.item() == pytest.approx(1 / 16) and nb.item() == pytest.approx((4 * 3 + 8 * 5 + 4 * 8) / 16 / 16)
+    assert (own.item() == pytest.approx(1 / 16)
+            and nb.item() == pytest.approx((4 * 3 + 8 * 5 + 4 * 8) / 16 / 16))
 
 
 def test_rollout():
     eye = torch.eye(10).expand(3, 2, 10, 10)
-    assert torch.equal(attention_rollout([eye, eye]), torch.eye(10, dtype=torch.float64).expand(3, 10, 10))
+    assert torch.equal(attention_rollout([eye, eye]),
+                       torch.eye(10, dtype=torch.float64).expand(3, 10, 10))
     torch.manual_seed(0)
     a, b = torch.randn(2, 1, 2, 10, 10).softmax(-1)
     half = lambda m: 0.5 * m.double().mean(1) + 0.5 * torch.eye(10, dtype=torch.float64)
     r = attention_rollout([a, b])
-    assert torch.allclose(r, half(b) @ half(a)) and torch.allclose(r.sum(-1), torch.ones(1, 10, dtype=torch.float64))
+    assert (torch.allclose(r, half(b) @ half(a))
+            and torch.allclose(r.sum(-1), torch.ones(1, 10, dtype=torch.float64)))
     assert torch.allclose(rollout_cls_map(r).sum((-2, -1)), torch.ones(1, dtype=torch.float64))
     with pytest.raises(ValueError, match="non-empty"): attention_rollout([])
-    with pytest.raises(ValueError, match="all attention maps"): attention_rollout([a, torch.rand(1, 2, 5, 5)])
+    with pytest.raises(ValueError, match="all attention maps"):
+        attention_rollout([a, torch.rand(1, 2, 5, 5)])
 
 
 def test_cls_attention_and_pixels():
@@ -83,7 +92,8 @@ def test_stats_on_models():
     m = create_model("sl_vit", 10, 16, preset="tiny", in_chans=1).eval()
     st = attention_stats(m.attention_maps(torch.randn(2, 1, 16, 16)), 2)
     assert all(v.shape == (2, 4) for v in st.values())
-    assert torch.equal(st["self"], torch.zeros(2, 4, dtype=torch.float64))      # LSA masks the diagonal
+    # LSA masks the diagonal
+    assert torch.equal(st["self"], torch.zeros(2, 4, dtype=torch.float64))
     assert (st["entropy"] <= math.log(65) + 1e-6).all() and (st["entropy"] > 0).all()
     v = create_model("vit", 10, 16, preset="tiny", in_chans=1).eval()
     assert (attention_stats(v.attention_maps(torch.randn(2, 1, 16, 16)), 2)["self"] > 0).all()
@@ -127,23 +137,27 @@ def test_effective_receptive_field():
     assert e.sum().item() == pytest.approx(1.0) and patch_share(e, 9, 2) == pytest.approx(1.0)
     assert e[2:4, 2:4].sum().item() == pytest.approx(1.0)
     full = create_model("vit", 10, 16, preset="tiny", in_chans=1)
-    assert patch_share(effective_receptive_field(full, x, 9), 9, 2) < 1.0   # attention mixes in other patches
+    # attention mixes in other patches
+    assert patch_share(effective_receptive_field(full, x, 9), 9, 2) < 1.0
     assert full.training                                        # mode restored
     with pytest.raises(ValueError, match="out of range"): effective_receptive_field(m, x, 64)
 
 
 def test_results(tmp_path):
     for s, acc in ((0, 0.5), (1, 0.7)):
-        run = dict(config=dict(model="vit", seed=s), summary=dict(final_acc=acc, best_acc=acc + 0.1, epochs_done=2, train_time=3.0),
+        run = dict(config=dict(model="vit", seed=s),
+                   summary=dict(final_acc=acc, best_acc=acc + 0.1, epochs_done=2, train_time=3.0),
                    history=[dict(epoch=1, test_acc=acc, train_loss=1.0)])
         (tmp_path / f"vit_seed{s}.json").write_text(json.dumps(run))
     runs = load_results(tmp_path)
     assert [r["config"]["seed"] for r in runs] == [0, 1]
     s = summarise_runs(runs)
-    assert s["vit"]["n"] == 2 and s["vit"]["final"] == pytest.approx(60.0) and s["vit"]["best_std"] == pytest.approx(math.sqrt(200))
+    assert (s["vit"]["n"] == 2 and s["vit"]["final"] == pytest.approx(60.0)
+            and s["vit"]["best_std"] == pytest.approx(math.sqrt(200)))
     assert s["sl_vit"]["n"] == 0 and math.isnan(s["sl_vit"]["final"])
     md = ablation_markdown(s)
-    assert "| ViT | 2 | 60.00 ± 14.14 | 70.00 ± 14.14 | 3 |" in md and "| SL-ViT (SPT + LSA) | 0 | – | – | – |" in md
+    assert ("| ViT | 2 | 60.00 ± 14.14 | 70.00 ± 14.14 | 3 |" in md
+            and "| SL-ViT (SPT + LSA) | 0 | – | – | – |" in md)
     assert math.isnan(mean_std([1.0])[1]) and mean_std([])[2] == 0
     assert load_results(tmp_path / "missing") == []
 
@@ -154,16 +168,19 @@ def _run(model, seed, acc, depth=None):
 
 
 def test_paired_difference_pairs_by_seed_and_applies_the_2se_rule():
-    # seed-to-seed spread is large (50-70%) but SL-ViT is +1 point on every seed: paired, that is clear
+    # seeds spread widely (50-70%) but SL-ViT is +1 point on every seed: paired, that is clear
     runs = [_run("vit", s, a) for s, a in ((0, 0.5), (1, 0.7), (2, 0.6))]
-    runs += [_run("sl_vit", s, a + d) for s, a, d in ((0, 0.5, 0.010), (1, 0.7, 0.012), (2, 0.6, 0.008))]
+    runs += [_run("sl_vit", s, a + d)
+             for s, a, d in ((0, 0.5, 0.010), (1, 0.7, 0.012), (2, 0.6, 0.008))]
     p = paired_difference(runs, "sl_vit")
-    assert p["n"] == 3 and p["diff"] == pytest.approx(1.0) and p["se"] == pytest.approx(0.2 / math.sqrt(3))
+    assert (p["n"] == 3 and p["diff"] == pytest.approx(1.0)
+            and p["se"] == pytest.approx(0.2 / math.sqrt(3)))
     assert p["verdict"].startswith("ahead")
     # pairs are made by seed, not by position: shuffling the list changes nothing
     assert paired_difference(runs[::-1], "sl_vit")["diff"] == pytest.approx(1.0)
     # a difference inside 2 SE is noise; one seed gives no verdict; depth is part of the pairing
-    noisy = runs[:3] + [_run("sl_vit", s, a + d) for s, a, d in ((0, 0.5, 0.02), (1, 0.7, -0.02), (2, 0.6, 0.01))]
+    noisy = runs[:3] + [_run("sl_vit", s, a + d)
+                        for s, a, d in ((0, 0.5, 0.02), (1, 0.7, -0.02), (2, 0.6, 0.01))]
     assert paired_difference(noisy, "sl_vit")["verdict"].startswith("within noise")
     assert paired_difference(runs[:1] + runs[3:4], "sl_vit")["verdict"] == "one seed: no conclusion"
     deep = [_run("vit", 0, 0.5, depth=4), _run("sl_vit", 0, 0.6, depth=6)]

@@ -23,7 +23,8 @@ def pages():
         msg = "docs/ is not built: run `make docs`"
         if os.environ.get("VITSD_REQUIRE_DOCS") == "1": pytest.fail(msg)
         pytest.skip(msg)
-    return {p.name: BeautifulSoup(p.read_text(encoding="utf-8"), "html.parser") for p in DOCS.glob("*.html")}
+    return {p.name: BeautifulSoup(p.read_text(encoding="utf-8"), "html.parser")
+            for p in DOCS.glob("*.html")}
 
 
 def notebook_pages():
@@ -51,14 +52,15 @@ def exported_symbols():
 
 
 def norm(s):
-    "Letters and digits only, markdown links reduced to their text: compares docstrings with page text."
+    "Letters and digits only, markdown links reduced to their text: docstrings vs page text."
     return re.sub(r"[^0-9a-z]+", "", re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", s or "").lower())
 
 
 def test_page_for_every_notebook(pages):
     for nb, page in notebook_pages().items():
         assert page in pages, f"no page {page} for nbs/{nb}"
-        assert pages[page].find("h1"), f"{page} has no title: start nbs/{nb} with a `# Title` markdown cell"
+        assert pages[page].find("h1"), (
+            f"{page} has no title: start nbs/{nb} with a `# Title` markdown cell")
     assert "api.html" in pages
 
 
@@ -66,8 +68,9 @@ def test_sidebar_lists_chapters_in_order(pages):
     nbs = notebook_pages()
     want = [nbs[nb] for nb in sorted(nbs, key=chapter_key) if nb != "index.ipynb"] + ["api.html"]
     got = [a["href"] for a in pages["index.html"].select(".sidebar-tree a.reference.internal")]
-    assert got == want, ("sidebar entries differ from the notebooks in numeric order: each notebook needs "
-                         "exactly one `# Title` (H1); use `##` and below for its sections")
+    assert got == want, ("sidebar entries differ from the notebooks in numeric order: "
+                         "each notebook needs exactly one `# Title` (H1); "
+                         "use `##` and below for its sections")
 
 
 def test_every_export_has_api_entry(pages):
@@ -75,16 +78,21 @@ def test_every_export_has_api_entry(pages):
     for nm, obj in exported_symbols().items():
         anchor = api.find(id=nm)
         assert anchor, f"{nm} is missing from the API page"
-        entry = norm(anchor.find_next("section").get_text())  # the show_doc heading's section
-        folded = nm.endswith(".__init__") and obj.__doc__ is None  # undocumented __init__: its class's entry
-        assert norm(nm.split(".")[-2 if folded else -1]) in entry, f"{nm}: anchor is not on its entry"
+        # the show_doc heading's section
+        entry = norm(anchor.find_next("section").get_text())
+        # undocumented __init__: its class's entry
+        folded = nm.endswith(".__init__") and obj.__doc__ is None
+        assert norm(nm.split(".")[-2 if folded else -1]) in entry, (
+            f"{nm}: anchor is not on its entry")
         own_doc = inspect.cleandoc(obj.__doc__) if obj.__doc__ else ""
         assert norm(own_doc) in entry, f"docstring of {nm} missing from its API entry"
         from fastcore.docments import docments
         try: params = docments(obj, full=False)
-        except (TypeError, ValueError): params = {}  # no signature (e.g. some builtins)
+        # no signature (e.g. some builtins)
+        except (TypeError, ValueError): params = {}
         for p, doc in params.items():
-            assert not doc or norm(doc) in entry, f"parameter doc of {nm}({p}) missing from its API entry"
+            assert not doc or norm(doc) in entry, (
+                f"parameter doc of {nm}({p}) missing from its API entry")
 
 
 def test_math_is_rendered_by_local_mathjax(pages):
@@ -92,20 +100,28 @@ def test_math_is_rendered_by_local_mathjax(pages):
     for name, soup in pages.items():
         for s in soup.find_all(string=tex):
             if not s.find_parent(NO_MATH) and not s.find_parent(class_="math"):
-                pytest.fail(f"{name}: unrendered TeX outside a MathJax container: {s.strip()[:120]!r}")
-    scripts = [(name, s["src"]) for name, soup in pages.items() for s in soup.find_all("script", src=True)]
-    assert not [x for x in scripts if EXTERNAL.match(x[1])], "scripts must load from docs/, not the network"
-    styles = [(name, s["href"]) for name, soup in pages.items() for s in soup.find_all("link", rel="stylesheet")]
-    assert not [x for x in styles if EXTERNAL.match(x[1])], "stylesheets must load from docs/, not the network"
+                pytest.fail(f"{name}: unrendered TeX outside a MathJax container: "
+                            f"{s.strip()[:120]!r}")
+    scripts = [(name, s["src"]) for name, soup in pages.items()
+               for s in soup.find_all("script", src=True)]
+    assert not [x for x in scripts if EXTERNAL.match(x[1])], (
+        "scripts must load from docs/, not the network")
+    styles = [(name, s["href"]) for name, soup in pages.items()
+              for s in soup.find_all("link", rel="stylesheet")]
+    assert not [x for x in styles if EXTERNAL.match(x[1])], (
+        "stylesheets must load from docs/, not the network")
     math_pages = [name for name, soup in pages.items() if soup.find(class_="math")]
     for name in math_pages:
-        srcs = [s["src"] for s in pages[name].find_all("script", src=True) if "mathjax" in s["src"].lower()]
-        assert srcs and all((DOCS / urlsplit(s).path).is_file() for s in srcs), f"{name}: MathJax not loaded"
+        srcs = [s["src"] for s in pages[name].find_all("script", src=True)
+                if "mathjax" in s["src"].lower()]
+        assert srcs and all((DOCS / urlsplit(s).path).is_file() for s in srcs), (
+            f"{name}: MathJax not loaded")
 
 
 def test_markdown_tables_are_rendered(pages):
-    "Tables in markdown cells and in markdown outputs (the results tables) become HTML tables, not rows of pipes."
-    row = re.compile(r"\|\s*:?(-{3,}|[—–]+-*):?\s*\|")   # a table's |---| separator line (or |—|, as a typographer turns it)
+    "Tables in markdown cells and outputs (the results tables) become HTML tables, not pipe rows."
+    # a table's |---| separator line (or |—|, as a typographer turns it)
+    row = re.compile(r"\|\s*:?(-{3,}|[—–]+-*):?\s*\|")
     for name, soup in pages.items():
         for s in soup.find_all(string=row):
             if not s.find_parent(NO_MATH):
@@ -123,36 +139,42 @@ def test_internal_links_resolve(pages):
             assert target.is_file(), f"{name}: broken link {url!r}"
             page = pages.get(target.name) if target.parent == DOCS else None
             if parts.fragment and page is not None:
-                assert page.find(id=unquote(parts.fragment)), f"{name}: link {url!r} to a missing anchor"
+                assert page.find(id=unquote(parts.fragment)), (
+                    f"{name}: link {url!r} to a missing anchor")
 
 
 def test_images_exist(pages):
-    imgs = [(name, img["src"]) for name, soup in pages.items() for img in soup.find_all("img", src=True)]
+    imgs = [(name, img["src"]) for name, soup in pages.items()
+            for img in soup.find_all("img", src=True)]
     for name, src in imgs:
         if not src.startswith("data:"):
-            assert not EXTERNAL.match(src) and (DOCS / unquote(urlsplit(src).path)).is_file(), f"{name}: image {src}"
+            assert (not EXTERNAL.match(src)
+                    and (DOCS / unquote(urlsplit(src).path)).is_file()), f"{name}: image {src}"
 
 
 def test_search(pages):
     assert "search.html" in pages
     index = (DOCS / "searchindex.js").read_text(encoding="utf-8")
-    for page in notebook_pages().values(): assert f'"{page[:-5]}"' in index, f"{page} is not in the search index"
+    for page in notebook_pages().values():
+        assert f'"{page[:-5]}"' in index, f"{page} is not in the search index"
 
 
 MAX_CODE_LINE = 100  # a wider code line gets a horizontal scroll bar on the docs pages
 
 
 def long_code_lines(soup):
-    "(line, length) of every code line wider than MAX_CODE_LINE: code cells, code blocks, signatures."
+    "(line, length) of each code line over MAX_CODE_LINE: code cells, code blocks, signatures."
     res = []
     for pre in soup.find_all("pre"):
         if pre.find_parent(class_="cell_output"): continue   # printed output is data, not code
-        res += [(line, len(line)) for line in pre.get_text().splitlines() if len(line) > MAX_CODE_LINE]
+        res += [(line, len(line)) for line in pre.get_text().splitlines()
+                if len(line) > MAX_CODE_LINE]
     return res
 
 
 def test_long_code_lines_are_found():
-    soup = BeautifulSoup(f"<pre>{'x' * 101}</pre><div class='cell_output'><pre>{'y' * 200}</pre></div>"
+    soup = BeautifulSoup(f"<pre>{'x' * 101}</pre>"
+                         f"<div class='cell_output'><pre>{'y' * 200}</pre></div>"
                          f"<pre>{'z' * 100}</pre>", "html.parser")
     assert long_code_lines(soup) == [("x" * 101, 101)]
 
@@ -162,4 +184,5 @@ def test_code_lines_fit_the_page(pages):
     too_long = {name: long_code_lines(soup) for name, soup in sorted(pages.items())}
     report = [f"{name}: {n} chars: {line.strip()[:70]}..." for name, lines in too_long.items()
               for line, n in lines]
-    assert not report, f"{len(report)} code lines over {MAX_CODE_LINE} characters:\n" + "\n".join(report)
+    assert not report, (f"{len(report)} code lines over {MAX_CODE_LINE} characters:\n"
+                        + "\n".join(report))

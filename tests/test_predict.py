@@ -1,4 +1,4 @@
-"Using a trained model (chapter 12): vitsd-train on an image folder, then vitsd-predict; loaded logits; ONNX export."
+"Using a trained model (chapter 12): vitsd-train on a folder, vitsd-predict; loaded logits; ONNX."
 import json
 import os
 import subprocess
@@ -20,9 +20,10 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
 
 def _command(name):
-    "The installed console script, or the same entry point through this Python (an older editable install)."
+    "The installed console script, or its entry point run by this Python (older editable install)."
     if (BIN / name).exists(): return [str(BIN / name)]
-    module, func = {"vitsd-train": ("cli", "train_main"), "vitsd-predict": ("predict", "predict_main")}[name]
+    module, func = {"vitsd-train": ("cli", "train_main"),
+                    "vitsd-predict": ("predict", "predict_main")}[name]
     return [sys.executable, "-c", f"from vitsd_nbdev.{module} import {func}; {func}()"]
 
 
@@ -39,27 +40,32 @@ def _folder(root: Path, n=12, seed=0):
 
 def test_train_on_a_folder_then_predict_its_images(tmp_path, run_folder_check):
     _folder(tmp_path / "data")
-    r = subprocess.run([*_command("vitsd-train"), "--dataset", f"imagefolder:{tmp_path / 'data'}", "--image-size", "16",
-                        "--model", "sl_vit", "--preset", "tiny", "--epochs", "8", "--batch-size", "8", "--no-progress",
-                        "--out-dir", tmp_path / "run"], capture_output=True, text=True, env=ENV)
+    r = subprocess.run([*_command("vitsd-train"), "--dataset", f"imagefolder:{tmp_path / 'data'}",
+                        "--image-size", "16", "--model", "sl_vit", "--preset", "tiny",
+                        "--epochs", "8", "--batch-size", "8", "--no-progress",
+                        "--out-dir", tmp_path / "run"],
+                       capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     run_folder_check(tmp_path / "run")            # the weights give the accuracies it reports
     images = [str(tmp_path / "data" / c / f"{i}.png") for c in COLOURS for i in range(3)]
-    r = subprocess.run([*_command("vitsd-predict"), tmp_path / "run", *images, "--topk", "2", "--json"],
-                       capture_output=True, text=True, env=ENV)
+    r = subprocess.run([*_command("vitsd-predict"), tmp_path / "run", *images, "--topk", "2",
+                        "--json"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [o["image"] for o in out] == images
     predicted = [o["predictions"][0]["class"] for o in out]
-    assert predicted == [Path(f).parent.name for f in images], predicted   # the folder's class names
-    r = subprocess.run([*_command("vitsd-predict"), tmp_path / "run", images[0]], capture_output=True, text=True, env=ENV)
+    # the folder's class names
+    assert predicted == [Path(f).parent.name for f in images], predicted
+    r = subprocess.run([*_command("vitsd-predict"), tmp_path / "run", images[0]],
+                       capture_output=True, text=True, env=ENV)
     assert r.returncode == 0 and r.stdout.startswith(f"{images[0]}: red "), r.stdout
 
 
 def test_loaded_model_gives_the_trained_models_logits(tmp_path):
     torch.manual_seed(0)
     mine = create_model("vit", image_size=16, preset="tiny", in_chans=1)
-    train(TrainConfig(dataset="digits", image_size=16, preset="tiny", batch_size=64, epochs=2, out_dir=str(tmp_path)),
+    train(TrainConfig(dataset="digits", image_size=16, preset="tiny", batch_size=64, epochs=2,
+                      out_dir=str(tmp_path)),
           model=mine, progress=False, log=False)
     with pytest.raises(ValueError, match="pass model="):
         load_run(tmp_path)
@@ -73,8 +79,8 @@ def test_loaded_model_gives_the_trained_models_logits(tmp_path):
 def test_onnx_export_matches_pytorch(tmp_path, name):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    p = Predictor(create_model(name, num_classes=3, image_size=16, preset="tiny").eval(), ["a", "b", "c"], 16, 3,
-                  (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), {})
+    p = Predictor(create_model(name, num_classes=3, image_size=16, preset="tiny").eval(),
+                  ["a", "b", "c"], 16, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), {})
     images = [torch.randint(0, 256, (3, s, s), dtype=torch.uint8) for s in (16, 16, 16, 16, 16)]
     session = ort.InferenceSession(str(export_onnx(p, tmp_path / "m.onnx")))
     got = torch.from_numpy(session.run(None, {"images": torch.stack(images).numpy()})[0])

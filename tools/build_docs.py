@@ -26,8 +26,10 @@ _re_opt = re.compile(r"^#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")  # a Quarto cell option
 _re_source = re.compile(r"^\[source\]\((\S+)\)\{[^}]*\}[ \t]*$", re.M)  # show_doc's link to GitHub
 _re_heading = re.compile(r"^(#+) +(.+?) *$", re.M)
 # a Quarto callout div, `::: {.callout-note}`, with an optional `## Title` as its first line
-_re_callout = re.compile(r"^(:{3,}) *\{\.callout-(note|tip|warning|important|caution)([^}]*)\}[ \t]*\n(?:#+ +(.+)\n)?", re.M)
-_re_link = re.compile(r"\]\(([^)\s#:]+\.(?:html|ipynb))(#[^)\s]*)?\)")  # relative `](page.html#anchor)`
+_re_callout = re.compile(r"^(:{3,}) *\{\.callout-(note|tip|warning|important|caution)([^}]*)\}"
+                         r"[ \t]*\n(?:#+ +(.+)\n)?", re.M)
+# a relative link, `](page.html#anchor)`
+_re_link = re.compile(r"\]\(([^)\s#:]+\.(?:html|ipynb))(#[^)\s]*)?\)")
 
 
 def chapter_order(path):
@@ -76,8 +78,8 @@ MAX_LINE = 100  # the width of a code block on a page without a horizontal scrol
 
 
 def wrap_signature_line(line):
-    """A show_doc signature line wider than MAX_LINE, as several: the parameter's comment on the next
-    line(s), and a long default value broken after its commas."""
+    """A show_doc signature line wider than MAX_LINE, as several: the parameter's comment on the
+    next line(s), and a long default value broken after its commas."""
     if len(line) <= MAX_LINE: return [line]
     indent = " " * (len(line) - len(line.lstrip()) + 4)
     code, sep, comment = line.partition(" # ")
@@ -89,13 +91,16 @@ def wrap_signature_line(line):
 
 
 def fix_show_doc(md, ids, anchor_id=None):
-    """Make show_doc's Quarto markdown plain MyST: the rule and the `{target=...}` source link become
-    HTML, the heading gets nbdev's anchor (`#patchify`, `#foo.__call__`) and escaped underscores."""
+    """Make show_doc's Quarto markdown plain MyST: the rule and the `{target=...}` source link
+    become HTML, the heading gets nbdev's anchor (`#patchify`, `#foo.__call__`) and escaped
+    underscores."""
     md = re.sub(r"^---[ \t]*$", '<hr class="showdoc">', md, count=1, flags=re.M)
-    # nbdev's add_links also links `names` in the signature's comments, inside the code block: undo that
-    md = re.sub(r"```.*?```", lambda m: re.sub(r"\[(`[^`]+`)\]\([^)]*\)", r"\1", m[0]), md, flags=re.S)
+    # nbdev's add_links also links `names` in signature comments, inside the code block: undo that
+    md = re.sub(r"```.*?```", lambda m: re.sub(r"\[(`[^`]+`)\]\([^)]*\)", r"\1", m[0]), md,
+                flags=re.S)
     md = re.sub(r"```.*?```", lambda m: "\n".join(w for line in m[0].split("\n")
-                                                   for w in wrap_signature_line(line)), md, flags=re.S)
+                                                   for w in wrap_signature_line(line)),
+                md, flags=re.S)
     md = _re_source.sub(r'<p class="sd-source"><a href="\1" target="_blank">source</a></p>', md)
     m = _re_heading.search(md)
     if not m: return md
@@ -106,10 +111,12 @@ def fix_show_doc(md, ids, anchor_id=None):
 
 
 class Site:
-    "Convert processed notebooks into myst-nb sources, tracking anchors so doc links can be checked."
+    "Turn processed notebooks into myst-nb sources, tracking anchors so doc links can be checked."
     def __init__(self, cfg, syms):
-        self.base = cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/") + "/"  # nbdev's absolute doc URLs
-        self.ids, self.titles, self.stems = {}, {}, {}  # page stem -> anchor ids, title; notebook file -> stem
+        # nbdev's absolute doc URLs
+        self.base = cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/") + "/"
+        # page stem -> anchor ids, title; notebook file -> stem
+        self.ids, self.titles, self.stems = {}, {}, {}
         # nbdev doc URL ('patches.html#patchify') -> the symbol's id on the API page
         self.api_ids = {url: nm for mod in syms.values() for nm, (url, _) in mod.items()}
 
@@ -126,7 +133,8 @@ class Site:
                 fm = front_matter(src)
                 self.titles[stem] = fm.get("title", stem)
                 md = f"# {self.titles[stem]}\n"
-                if fm.get("description"): md += f"\n:::{{container}} description\n{fm['description']}\n:::\n"
+                if fm.get("description"):
+                    md += f"\n:::{{container}} description\n{fm['description']}\n:::\n"
                 cells.append(dict(cell_type="markdown", id=c["id"], metadata={}, source=md))
                 continue
             if c["cell_type"] == "markdown": c["source"] = callouts(src)
@@ -148,8 +156,8 @@ class Site:
         return nb
 
     def fix_links(self, md):
-        """nbdev's absolute doc links -> relative (to the API page where the chapter lacks the anchor);
-        links to notebooks (`02_attention.ipynb`) -> their pages, as Quarto does."""
+        """nbdev's absolute doc links -> relative (to the API page where the chapter lacks the
+        anchor); links to notebooks (`02_attention.ipynb`) -> their pages, as Quarto does."""
         def repl(m):
             page, frag = m[1], m[2] or ""
             if page.endswith(".ipynb"): page = self.stems.get(page, page[:-6]) + ".html"
@@ -161,11 +169,12 @@ class Site:
     def write(self, nb, stem):
         for c in nb["cells"]:
             if c["cell_type"] == "markdown": c["source"] = self.fix_links(c["source"])
-        (SRC / f"{stem}.ipynb").write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
+        (SRC / f"{stem}.ipynb").write_text(json.dumps(nb, indent=1, ensure_ascii=False),
+                                           encoding="utf-8")
 
 
 def api_page(syms, site):
-    "Markdown for the API reference: show_doc (signature, parameter docs, docstring) of every export."
+    "The API reference's markdown: show_doc (signature, parameter docs, docstring) of every export."
     from nbdev.doclinks import NbdevLookup
     from nbdev.showdoc import show_doc
     ids, lookup = site.ids.setdefault("api", set()), NbdevLookup()
@@ -177,15 +186,18 @@ def api_page(syms, site):
         for nm in entries:
             obj = importlib.import_module(mod)
             for part in nm[len(mod) + 1:].split("."): obj = getattr(obj, part)
-            # An undocumented `Foo.__init__` would only repeat Foo's entry (same signature and parameter
-            # docs) under an inherited docstring: it gets an anchor on Foo's entry instead.
+            # An undocumented `Foo.__init__` would only repeat Foo's entry (same signature and
+            # parameter docs) under an inherited docstring: it gets an anchor on Foo's entry.
             if nm.endswith(".__init__") and obj.__doc__ is None: continue
             init = f"{nm}.__init__"
-            doc = f'<div id="{init}"></div>\n\n' if init in entries and obj.__init__.__doc__ is None else ""
+            doc = (f'<div id="{init}"></div>\n\n'
+                   if init in entries and obj.__init__.__doc__ is None else "")
             doc += show_doc(obj)._repr_markdown_()
-            if obj.__doc__ is None:  # keep the signature, not a docstring inherited from e.g. nn.Module.forward
+            # keep the signature, not a docstring inherited from e.g. nn.Module.forward
+            if obj.__doc__ is None:
                 doc = doc[:doc.index("\n```", doc.index("```python")) + 4]
-            # nbdev finds the source line by the notebook-namespace name ('LSA'), not 'vitsd_nbdev.attention.LSA'
+            # nbdev finds the source line by the notebook-namespace name ('LSA'),
+            # not 'vitsd_nbdev.attention.LSA'
             src = obj.fget if isinstance(obj, property) else inspect.unwrap(obj)
             doc = doc.replace("#LNone)", f"#L{inspect.getsourcelines(src)[1]})")
             md.append(fix_show_doc(lookup.linkify(doc), ids, anchor_id=nm))
@@ -198,12 +210,12 @@ def front_matter(src):
 
 
 def repo_links(md):
-    "Links to notebooks (`01_patches.ipynb`) -> to their files in the repository, as GitHub shows them."
+    "Links to notebooks (`01_patches.ipynb`) -> to their files in the repository, as on GitHub."
     return re.sub(r"\]\(([\w.-]+\.ipynb)", r"](nbs/\1", md)
 
 
 def readme(nb, cfg):
-    "GitHub-flavoured README.md from the processed index notebook (front matter -> title + summary)."
+    "GitHub-flavoured README.md from the processed index notebook (front matter -> title, summary)."
     out = []
     for c in nb["cells"]:
         src = text(c["source"])
@@ -220,7 +232,8 @@ def readme(nb, cfg):
             for o in c.get("outputs", []):  # text only: figures are left to the docs site
                 d = o.get("data", {})
                 if "text/markdown" in d: out.append(repo_links(text(d["text/markdown"]).strip()))
-                elif o.get("output_type") == "stream": out.append("```\n" + text(o["text"]).rstrip("\n") + "\n```")
+                elif o.get("output_type") == "stream":
+                    out.append("```\n" + text(o["text"]).rstrip("\n") + "\n```")
                 elif "text/plain" in d and not any(k.startswith("image/") for k in d):
                     out.append("```\n" + text(d["text/plain"]).rstrip("\n") + "\n```")
     return "\n\n".join(s for s in out if s) + "\n"
@@ -233,50 +246,58 @@ def main():
 
     t0 = time.time()
     cfg = get_config()
-    # Writes _proc/*.ipynb. In this process, one notebook after another: 3x faster than nbdev's default
-    # worker processes, which each import the library (and torch) again.
+    # Writes _proc/*.ipynb. In this process, one notebook after another: 3x faster than nbdev's
+    # default worker processes, which each import the library (and torch) again.
     proc = proc_nbs(force=True, n_workers=0)
-    syms = importlib.import_module(f"{cfg.lib_name}._modidx").d["syms"] if (cfg.lib_path / "_modidx.py").exists() else {}
+    syms = (importlib.import_module(f"{cfg.lib_name}._modidx").d["syms"]
+            if (cfg.lib_path / "_modidx.py").exists() else {})
 
     shutil.rmtree(BUILD, ignore_errors=True)
     SRC.mkdir(parents=True)
     site = Site(cfg, syms)
-    # Chapters: every top-level notebook but index and _*.ipynb (which nbdev skips), in numeric order.
-    chapters = sorted((p for p in proc.glob("*.ipynb") if p.name != "index.ipynb" and not p.name.startswith("_")),
+    # Chapters, in numeric order: every top-level notebook but index and _*.ipynb (nbdev skips)
+    chapters = sorted((p for p in proc.glob("*.ipynb")
+                       if p.name != "index.ipynb" and not p.name.startswith("_")),
                       key=chapter_order)
     pages, nbs = [], {}
     for p in chapters:
         nb = json.loads(p.read_text(encoding="utf-8"))
         fm = text(nb["cells"][0]["source"]) if nb["cells"] else ""
-        stem = Path(front_matter(fm).get("output-file", p.name) if fm.startswith("---") else p.name).stem
-        if stem in nbs or stem in ("index", "api"): sys.exit(f"{p.name}: page name {stem!r} is already taken")
+        stem = Path(front_matter(fm).get("output-file", p.name) if fm.startswith("---")
+                    else p.name).stem
+        if stem in nbs or stem in ("index", "api"):
+            sys.exit(f"{p.name}: page name {stem!r} is already taken")
         nbs[stem] = site.convert(nb, stem, p.name)
         pages.append(stem)
 
     index = proc / "index.ipynb"
-    if not index.exists(): sys.exit(f"{cfg.nbs_path.name}/index.ipynb is missing: it is the home page and README")
+    if not index.exists():
+        sys.exit(f"{cfg.nbs_path.name}/index.ipynb is missing: it is the home page and README")
     home = json.loads(index.read_text(encoding="utf-8"))
     (ROOT / "README.md").write_text(readme(home, cfg), encoding="utf-8")
     home = site.convert(home, "index", "index.ipynb")
     toc = "```{toctree}\n:hidden:\n:caption: %s\n\n%s\n```\n"
     home["cells"].append(dict(cell_type="markdown", id="toctree", metadata={},
-                              source=toc % ("Chapters", "\n".join(pages)) + "\n" + toc % ("Reference", "api")))
+                              source=toc % ("Chapters", "\n".join(pages)) + "\n"
+                              + toc % ("Reference", "api")))
     nbs["index"] = home
     api = api_page(syms, site)  # after the chapters, so links go to their show_doc anchors
     (SRC / "api.md").write_text(api, encoding="utf-8")
     for stem, nb in nbs.items(): site.write(nb, stem)
 
     t1 = time.time()
-    rc = build_main(["-q", "-b", "html", "-c", str(ROOT / "docs_src"), "-d", str(BUILD / "doctrees"), str(SRC), str(OUT)])
+    rc = build_main(["-q", "-b", "html", "-c", str(ROOT / "docs_src"),
+                     "-d", str(BUILD / "doctrees"), str(SRC), str(OUT)])
     if rc: sys.exit(rc)
     shutil.rmtree(DOCS, ignore_errors=True)
-    OUT.rename(DOCS)  # built next to .sphinx_build/jupyter_execute so myst-nb's scratch files stay git-ignored
+    # built next to .sphinx_build/jupyter_execute so myst-nb's scratch files stay git-ignored
+    OUT.rename(DOCS)
     print(f"docs/ built ({len(pages)} chapters + home + API) in {time.time() - t0:.1f}s "
           f"(nbdev {t1 - t0:.1f}s, sphinx {time.time() - t1:.1f}s); README.md regenerated")
 
 
 if __name__ == "__main__":
     main()
-    # At exit, each IPython shell nbdev started to run show_doc cells resets itself with a full gc.collect():
-    # ~0.3 s each with torch loaded. Frozen objects are skipped by the collector.
+    # At exit, each IPython shell nbdev started to run show_doc cells resets itself with a full
+    # gc.collect(): ~0.3 s each with torch loaded. Frozen objects are skipped by the collector.
     gc.freeze()
