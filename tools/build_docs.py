@@ -169,6 +169,9 @@ class Site:
     def write(self, nb, stem):
         for c in nb["cells"]:
             if c["cell_type"] == "markdown": c["source"] = self.fix_links(c["source"])
+            for o in c.get("outputs", []):   # markdown a code cell displays (e.g. a table of links)
+                if "text/markdown" in o.get("data", {}):
+                    o["data"]["text/markdown"] = self.fix_links(text(o["data"]["text/markdown"]))
         (SRC / f"{stem}.ipynb").write_text(json.dumps(nb, indent=1, ensure_ascii=False),
                                            encoding="utf-8")
 
