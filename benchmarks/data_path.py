@@ -7,7 +7,7 @@ Usage, from the repository root:
 
 Random uint8 32x32 RGB images (2,048 by default) in batches of 256, with CIFAR-10's recipe (crop, flip,
 AutoAugment CIFAR-10 policy, normalisation, random erasing, Mixup/CutMix). Three loaders, timed one epoch each
-per round in a rotated order (interleaved, so a slow phase of a shared machine hits all alike); the result is
+per round in a rotated order (interleaved, so a slow phase of a busy machine hits all alike); the result is
 the median over rounds in images per second, with the min-max range, and each loader's speed as a fraction of
 the no-AutoAugment loader's in the same round (median and range over rounds: robust to a changing load):
   no_autoaugment       the recipe without AutoAugment (the ceiling)
