@@ -50,10 +50,13 @@ class ViTConfig:
                              f"got {self.temperature_form!r}")
         if self.patch_size is None: self.patch_size = self.image_size // 8
         if self.patch_size < 1 or self.image_size % self.patch_size:
-            raise ValueError(f"patch size {self.patch_size} does not divide image size {self.image_size}; pass a patch_size that divides it")
+            raise ValueError(f"patch size {self.patch_size} does not divide image size "
+                             f"{self.image_size}; pass a patch_size that divides it")
         if self.spt and self.spt_shift is None and self.patch_size < 2:
-            raise ValueError(f"SPT shifts by patch_size // 2, which is 0 for patch size {self.patch_size}; use a patch size of at least 2 or set spt_shift")
-        if not 0 <= self.drop_path < 1: raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+            raise ValueError(f"SPT shifts by patch_size // 2, which is 0 for patch size "
+                             f"{self.patch_size}; use a patch size of at least 2 or set spt_shift")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
 
     @property
     def num_patches(self) -> int: return (self.image_size // self.patch_size) ** 2
@@ -61,28 +64,32 @@ class ViTConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ViTConfig:
         "A named preset (see `PRESETS`), with any field overridden."
-        if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
 PRESETS = {
     "cifar": dict(image_size=32, num_classes=10),           # the paper's CIFAR-10 model (patch 4)
-    "tiny_imagenet": dict(image_size=64, num_classes=200),  # the paper's Tiny-ImageNet model (patch 8)
-    "tiny": dict(dim=64, depth=2, heads=4, head_dim=16, mlp_hidden=128, drop_path=0.0),  # for CPU tests and demos
+    # the paper's Tiny-ImageNet model (patch 8)
+    "tiny_imagenet": dict(image_size=64, num_classes=200),
+    # for CPU tests and demos
+    "tiny": dict(dim=64, depth=2, heads=4, head_dim=16, mlp_hidden=128, drop_path=0.0),
     # half the paper's width and 4 of its 9 blocks, for CPU-scale experiments: the deepest model
-    # of chapter 8's depth sweep that trains 100 epochs of 5,000 images in about 15 minutes of 2 cores
+    # of chapter 8's depth sweep that trains 100 epochs of 5,000 images in about 15 minutes of 2
+    # cores
     "small": dict(dim=96, depth=4, heads=6, head_dim=16, mlp_hidden=192, drop_path=0.1),
 }
 
 # %% ../nbs/05_vit.ipynb #3a81d263
 class Block(nn.Module):
-    "A pre-norm transformer encoder block: attention and MLP, each a residual branch with stochastic depth."
+    "A pre-norm encoder block: attention and MLP, each a residual branch with stochastic depth."
     def __init__(self,
                  dim: int, heads: int, head_dim: int, mlp_hidden: int,
-                 drop_path: float = 0.0,  # probability of dropping each residual branch per sample in training
+                 drop_path: float = 0.0,  # chance of dropping each residual branch (training)
                  diag_mask: bool = False,            # LSA's diagonal mask
                  learned_temperature: bool = False,  # LSA's learned τ per head
                  temperature_form: str = "inverse",  # how τ is learned (see `LearnedTemperature`)
-                 attn: nn.Module | None = None,  # another attention layer with SelfAttention's call signature (chapter 9's Swin); None: SelfAttention
+                 attn: nn.Module | None = None,  # SelfAttention-like layer (chapter 9)
                 ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -94,8 +101,8 @@ class Block(nn.Module):
 
     def forward(self,
                 x: torch.Tensor,              # tokens [B, N, d]
-                return_weights: bool = False, # also return the attention weights [B, heads, N, N] (explicit, slower)
-               ):                             # tokens [B, N, d]; with return_weights also the weights
+                return_weights: bool = False, # also return the weights [B, heads, N, N] (slower)
+               ):                             # tokens [B, N, d] (and the weights)
         a = self.attn(self.norm1(x), return_weights=return_weights)
         a, w = a if return_weights else (a, None)
         x = x + self.drop_path(a)
@@ -104,11 +111,12 @@ class Block(nn.Module):
 
 # %% ../nbs/05_vit.ipynb #520c8439
 class ViT(nn.Module):
-    "The paper's Vision Transformer for small datasets; `config.spt` and `config.lsa` make it SL-ViT."
+    "The paper's Vision Transformer for small datasets; `config.spt` and `.lsa` make it SL-ViT."
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = c = config
-        if c.spt: tokenizer = ShiftedPatchTokenization(c.in_chans, c.dim, c.patch_size, shift=c.spt_shift, directions=c.spt_directions)
+        if c.spt: tokenizer = ShiftedPatchTokenization(
+            c.in_chans, c.dim, c.patch_size, shift=c.spt_shift, directions=c.spt_directions)
         else: tokenizer = PatchTokenization(c.in_chans, c.dim, c.patch_size)
         self.embed = PatchEmbedding(tokenizer, c.num_patches, c.dim, cls_token=True)
         self.blocks = nn.ModuleList([
@@ -119,7 +127,9 @@ class ViT(nn.Module):
         self.apply(_init_official)
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> tokens [B, N+1, d] after the last block
+    def forward_features(
+        self, x: torch.Tensor,  # images [B, C, H, W]
+    ) -> torch.Tensor:          # tokens [B, N+1, d] after the last block
         "All tokens after the encoder, class token first (what the head and the analysis read)."
         z = self.embed(x)
         for block in self.blocks: z = block(z)
@@ -133,7 +143,9 @@ class ViT(nn.Module):
         x = self.head[0](z[:, 0])
         return x if pre_logits else self.head[1](x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> logits [B, num_classes]
+    def forward(
+        self, x: torch.Tensor,  # images [B, C, H, W]
+    ) -> torch.Tensor:          # logits [B, num_classes]
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int):  # 0: none, the model returns pooled features
@@ -146,7 +158,9 @@ class ViT(nn.Module):
         return no_weight_decay_names(self)
 
     @torch.no_grad()
-    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:  # one [B, heads, N+1, N+1] tensor per block
+    def attention_maps(
+        self, x: torch.Tensor,  # images [B, C, H, W]
+    ) -> list[torch.Tensor]:    # one [B, heads, N+1, N+1] tensor per block
         "Each block's attention weights for images `x` (computed in eval mode, explicit softmax)."
         was_training = self.training
         self.eval()
@@ -174,7 +188,9 @@ def classifier(dim: int, num_classes: int) -> nn.Module:  # Linear(dim, num_clas
 
 _NO_DECAY = ("bias", "pos_embed", "cls_token", "relative_position_bias_table", "tau")
 
-def no_weight_decay_names(model: nn.Module) -> set[str]:  # parameter names, as in named_parameters()
+def no_weight_decay_names(
+    model: nn.Module,
+) -> set[str]:  # parameter names, as in named_parameters()
     "Biases, LayerNorm parameters, position embeddings, class tokens, bias tables and a stored τ."
     names = set()
     for module_name, m in model.named_modules():
@@ -187,25 +203,33 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:  # parameter names, as 
 VARIANTS = {"vit": dict(spt=False, lsa=False), "vit_spt": dict(spt=True, lsa=False),
             "vit_lsa": dict(spt=False, lsa=True), "sl_vit": dict(spt=True, lsa=True),
             # the paper's LSA ablation: each half of LSA alone
-            "vit_mask": dict(spt=False, diag_mask=True), "vit_temp": dict(spt=False, learned_temperature=True)}
+            "vit_mask": dict(spt=False, diag_mask=True),
+            "vit_temp": dict(spt=False, learned_temperature=True)}
 ADD_ON_MODELS = {"pit": "pit", "sl_pit": "pit", "swin": "swin", "sl_swin": "swin",  # chapter 9
-                 "resnet20": "resnet", "resnet32": "resnet", "resnet56": "resnet"}    # chapter 7a's CNN baseline
+                 # chapter 7a's CNN baseline
+                 "resnet20": "resnet", "resnet32": "resnet", "resnet56": "resnet"}
 
 def create_model(
-    name: str,                  # a `VARIANTS` name ("vit", "vit_spt", "vit_lsa", "sl_vit", ...) or an `ADD_ON_MODELS` name
+    name: str,                  # a `VARIANTS` or `ADD_ON_MODELS` name ("vit", "sl_vit", ...)
     num_classes: int = 10,
     image_size: int = 32,
     preset: str | None = None,  # a preset name for the architecture, e.g. "tiny"; None: the paper's
     **overrides,
 ) -> nn.Module:
-    "Build a model by name: one of the paper's four ViT ablation variants, or another family's (`ADD_ON_MODELS`); `overrides` sets any other config field."
-    if name in ADD_ON_MODELS:  # other families live in their own modules: `create_pit`, `create_swin`, ...
+    "Build a model by name, a ViT variant or another family's; `overrides` sets config fields."
+    # other families live in their own modules: `create_pit`, `create_swin`, ...
+    if name in ADD_ON_MODELS:
         family = ADD_ON_MODELS[name]
-        return getattr(importlib.import_module(f"vitsd_nbdev.{family}"), f"create_{family}")(name, num_classes, image_size, preset, **overrides)
-    if name not in VARIANTS: raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS) + sorted(ADD_ON_MODELS)}")
-    if preset is not None and preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        create = getattr(importlib.import_module(f"vitsd_nbdev.{family}"), f"create_{family}")
+        return create(name, num_classes, image_size, preset, **overrides)
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; "
+                         f"choose one of {sorted(VARIANTS) + sorted(ADD_ON_MODELS)}")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     base = PRESETS[preset] if preset else {}
-    return ViT(ViTConfig(**{**base, "image_size": image_size, "num_classes": num_classes, **VARIANTS[name], **overrides}))
+    fields = {**base, "image_size": image_size, "num_classes": num_classes}
+    return ViT(ViTConfig(**{**fields, **VARIANTS[name], **overrides}))
 
 # %% ../nbs/05_vit.ipynb #03522566
 def count_params(model: nn.Module) -> int:
