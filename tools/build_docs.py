@@ -61,6 +61,18 @@ def md_outputs(cell):
     return "\n\n".join(res)
 
 
+def merge_streams(outputs):
+    "Consecutive prints to one stream as one output block, as Jupyter shows them."
+    res = []
+    for o in outputs:
+        prev = res[-1] if res else None
+        if (o.get("output_type") == "stream" and prev and prev.get("output_type") == "stream"
+                and prev["name"] == o["name"]):
+            prev["text"] = text(prev["text"]) + text(o["text"])
+        else: res.append(dict(o))
+    return res
+
+
 def callouts(md):
     "Quarto callouts -> MyST admonitions (`:::{note}`, or `:::{admonition} Title` with class note)."
     def repl(m):
@@ -148,6 +160,7 @@ class Site:
                 cells.append(dict(cell_type="markdown", id=c["id"], metadata={}, source=md))
                 if opts.get("echo") == "false": continue
                 c["outputs"] = []
+            c["outputs"] = merge_streams(c.get("outputs", []))
             tags = {"include": "remove-cell", "echo": "remove-input", "output": "remove-output"}
             c["metadata"]["tags"] = [t for k, t in tags.items() if opts.get(k) == "false"]
             if not c["metadata"]["tags"]: del c["metadata"]["tags"]
