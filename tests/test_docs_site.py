@@ -2,7 +2,7 @@
 
 Skipped when docs/ has not been built, unless VITSD_REQUIRE_DOCS=1 (as `make test` sets).
 """
-import importlib, inspect, os, re
+import importlib, importlib.util, inspect, os, re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -186,3 +186,14 @@ def test_code_lines_fit_the_page(pages):
               for line, n in lines]
     assert not report, (f"{len(report)} code lines over {MAX_CODE_LINE} characters:\n"
                         + "\n".join(report))
+
+
+def test_consecutive_prints_are_one_output_block():
+    spec = importlib.util.spec_from_file_location("build_docs", ROOT / "tools" / "build_docs.py")
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    out = lambda name, t: dict(output_type="stream", name=name, text=t)
+    merged = bd.merge_streams([out("stdout", "a\n"), out("stdout", ["b\n"]), out("stderr", "w\n"),
+                               dict(output_type="display_data", data={}), out("stdout", "c\n")])
+    assert [(o.get("name"), o.get("text")) for o in merged] == [
+        ("stdout", "a\nb\n"), ("stderr", "w\n"), (None, None), ("stdout", "c\n")]
