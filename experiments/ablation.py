@@ -60,6 +60,10 @@ SUITES = {
     # (depth 4, the "small" preset's, is written out so the JSON records it)
     "cifar10_small": dict(models=LSA_ABLATION + ["resnet20"], seeds=[0, 1, 2],
                           cfg=dict(CIFAR, preset="small", depth=4)),
+    # chapter 8's test of a hypothesis: does the official weight decay on s = 1/τ keep the heads
+    # from sharpening? ViT + LSA at the same preset, s left undecayed
+    "cifar10_tau": dict(models=["vit_lsa"], seeds=[0, 1],
+                        cfg=dict(CIFAR, preset="small", depth=4, decay_temperature=False)),
 }
 
 

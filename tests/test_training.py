@@ -43,6 +43,31 @@ def test_weight_decay_groups_follow_the_official_code_for_lsa():
     nd = {n for n, p in direct.named_parameters() if any(p is q for q in param_groups(direct, 0.05)[1]["params"])}
     assert "blocks.0.attn.temperature.tau" in nd                                          # a stored τ is not
 
+    m_nd = {id(p) for p in param_groups(m, 0.05, decay_temperature=False)[1]["params"]}
+    assert id(m.blocks[0].attn.temperature.scale) in m_nd                                # the switch
+
+
+def test_decay_temperature_reaches_the_optimizer(tmp_path):
+    groups = {}
+    for decay in (True, False):
+        cfg = TrainConfig(**TINY, model="vit_temp", epochs=1, warmup_epochs=0, decay_temperature=decay,
+                          out_dir=str(tmp_path / str(decay)))
+        train(cfg, progress=False, log=False)
+        opt = load_checkpoint(tmp_path / str(decay) / "checkpoint.pt")["optimizer"]
+        groups[decay] = {g["weight_decay"]: len(g["params"]) for g in opt["param_groups"]}
+    depth = create_model("vit_temp", image_size=16, preset="tiny").config.depth
+    assert groups[False][0.0] == groups[True][0.0] + depth                  # one s per block moved
+    assert groups[False][0.05] == groups[True][0.05] - depth
+
+
+def test_a_checkpoint_without_a_newer_option_resumes_with_its_default(tmp_path):
+    cfg = TrainConfig(**TINY, model="vit", epochs=2, warmup_epochs=0, out_dir=str(tmp_path))
+    train(cfg, stop_after=1, progress=False, log=False)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    del ckpt["config"]["decay_temperature"]                    # as written before the option existed
+    save_checkpoint(tmp_path / "checkpoint.pt", ckpt)
+    assert train(cfg, resume=True, progress=False, log=False)["epochs_done"] == 2
+
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     cfg = lambda d: TrainConfig(**TINY, model="sl_vit", epochs=3, warmup_epochs=1, drop_path=0.1, out_dir=str(tmp_path / d))

@@ -82,6 +82,7 @@ def lr_at(
 def param_groups(
     model: nn.Module,
     weight_decay: float,  # decay of the weight matrices
+    decay_temperature: bool = True,  # decay LSA's multiplier s = 1/τ too (the official code does)
 ) -> list[dict]:          # two AdamW parameter groups: with and without weight decay
     "Decay weight matrices and LSA's s = 1/τ (official); not `no_weight_decay()`'s, nor other 1-D."
     if hasattr(model, "no_weight_decay"): named = set(model.no_weight_decay())   # ours, timm's
@@ -89,7 +90,8 @@ def param_groups(
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
-        one_d = p.ndim < 2 and not name.endswith("temperature.scale")   # the official code decays s
+        s = name.endswith("temperature.scale")
+        one_d = p.ndim < 2 and not (s and decay_temperature)   # the official code decays s
         (no_decay if name in named or one_d else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
@@ -204,6 +206,7 @@ class TrainConfig:
     min_lr: float = 1e-6      # start of warm-up and end of the cosine
     warmup_epochs: int | None = None  # linear warm-up from min_lr; None: epochs / 10, rounded up
     weight_decay: float = 0.05  # AdamW weight decay of the weight matrices
+    decay_temperature: bool = True  # weight-decay LSA's learned s = 1/τ as well (official)
     drop_path: float | None = None  # stochastic depth; None: the model's (0.1 for the paper's)
     grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
     augment: bool = True      # the dataset's default augmentation recipe (chapter 6); off: none
@@ -478,8 +481,9 @@ def _resumed(out: Path, cfg: TrainConfig, extend: bool) -> dict:
     "The checkpoint in `out`, if made with `cfg` (its folder aside; its length too with `extend`)."
     ckpt = load_checkpoint(out / "checkpoint.pt")
     planned = ckpt["config"]["epochs"]
-    changed = [k for k, v in asdict(cfg).items()
-               if k != "out_dir" and ckpt["config"].get(k) != v]   # a moved folder still resumes
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # options newer than the checkpoint
+    changed = [k for k, v in asdict(cfg).items()                   # a moved folder still resumes
+               if k != "out_dir" and ckpt["config"].get(k, defaults[k]) != v]
     if changed == ["epochs"] and not extend:
         raise ValueError(f"the run in {out} was planned for {planned} epochs, not {cfg.epochs}; "
                          f"pass extend=True to train it to {cfg.epochs} epochs (the learning-rate "
@@ -503,7 +507,7 @@ def _fit(cfg, rank, world, device, out, ckpt, stop_after, progress, log, model, 
     model = model.to(device)
     name = cfg.model if "name" in spec else type(model).__name__
     n_params = count_params(model)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_temperature), lr=cfg.lr,
                             fused=device.type == "cuda")      # one kernel per step on GPU
     dtype = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
