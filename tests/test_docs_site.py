@@ -2,7 +2,7 @@
 
 Skipped when docs/ has not been built, unless VITSD_REQUIRE_DOCS=1 (as `make test` sets).
 """
-import importlib, importlib.util, inspect, os, re
+import importlib, importlib.util, inspect, json, os, re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -188,12 +188,53 @@ def test_code_lines_fit_the_page(pages):
                         + "\n".join(report))
 
 
-def test_consecutive_prints_are_one_output_block():
+def build_docs_module():
     spec = importlib.util.spec_from_file_location("build_docs", ROOT / "tools" / "build_docs.py")
     bd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bd)
+    return bd
+
+
+def test_consecutive_prints_are_one_output_block():
+    bd = build_docs_module()
     out = lambda name, t: dict(output_type="stream", name=name, text=t)
     merged = bd.merge_streams([out("stdout", "a\n"), out("stdout", ["b\n"]), out("stderr", "w\n"),
                                dict(output_type="display_data", data={}), out("stdout", "c\n")])
     assert [(o.get("name"), o.get("text")) for o in merged] == [
         ("stdout", "a\nb\n"), ("stderr", "w\n"), (None, None), ("stdout", "c\n")]
+
+
+def test_quarto_options_map_to_myst_nb_tags():
+    tags = build_docs_module().cell_tags
+    assert tags({"code-fold": "true"}) == ["hide-input"]
+    assert tags({"code-fold": "show"}) == []           # Quarto's "foldable, shown": a plain cell
+    assert tags({"echo": "false", "code-fold": "true"}) == ["remove-input"]
+    assert tags({"include": "false", "output": "false"}) == ["remove-cell", "remove-output"]
+
+
+def folded_cells(nb):
+    "The code (without its `#|` lines) of each `#| code-fold: true` cell of a notebook."
+    cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+    srcs = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    return ["\n".join(line for line in s.splitlines() if not line.startswith("#|")).strip()
+            for s in srcs if re.match(r"#\|\s*code-fold:\s*true\s*$", s, re.M | re.I)]
+
+
+def test_folded_solutions_render_folded(pages):
+    """A `#| code-fold: true` cell (an exercise's solution) is on its page under a closed
+    "show code" toggle, its code inside the toggle and its output outside."""
+    folded = {nb: folded_cells(NBS / nb) for nb in notebook_pages()}
+    assert folded["01_patches.ipynb"], "chapter 1's exercises have no folded solution cell"
+    for nb, codes in folded.items():
+        page = notebook_pages()[nb]
+        cells = pages[page].select("div.cell.tag_hide-input")
+        shown = [norm(d.get_text()) for c in cells for d in c.select("details.hide.above-input")
+                 if not d.has_attr("open")]
+        for code in codes:
+            assert any(norm(code) in s for s in shown), (
+                f"{page}: a code-fold cell of nbs/{nb} is not folded: {code[:60]!r}")
+        assert not [c for c in cells if c.select("details .cell_output")], (
+            f"{page}: a code-fold cell's output is folded too; only its code should be")
+    sec = pages["patches.html"].find(id="exercises")
+    assert sec and sec.select("div.cell.tag_hide-input details"), (
+        "patches.html: no folded solution in the Exercises section")

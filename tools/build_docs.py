@@ -61,6 +61,17 @@ def md_outputs(cell):
     return "\n\n".join(res)
 
 
+def cell_tags(opts):
+    """myst-nb's tags for a code cell's Quarto options: `include: false` -> remove-cell,
+    `echo: false` -> remove-input, `output: false` -> remove-output, and `code-fold: true` ->
+    hide-input (the code folded under a "show code" toggle, its output shown)."""
+    tags = {"include": "remove-cell", "echo": "remove-input", "output": "remove-output"}
+    res = [t for k, t in tags.items() if opts.get(k, "").lower() == "false"]
+    if opts.get("code-fold", "").lower() == "true" and "remove-input" not in res:
+        res.append("hide-input")
+    return res
+
+
 def merge_streams(outputs):
     "Consecutive prints to one stream as one output block, as Jupyter shows them."
     res = []
@@ -161,9 +172,10 @@ class Site:
                 if opts.get("echo") == "false": continue
                 c["outputs"] = []
             c["outputs"] = merge_streams(c.get("outputs", []))
-            tags = {"include": "remove-cell", "echo": "remove-input", "output": "remove-output"}
-            c["metadata"]["tags"] = [t for k, t in tags.items() if opts.get(k) == "false"]
+            c["metadata"]["tags"] = cell_tags(opts)
             if not c["metadata"]["tags"]: del c["metadata"]["tags"]
+            if opts.get("code-summary"):  # the fold's label, as Quarto's `code-summary` sets it
+                c["metadata"]["mystnb"] = {"code_prompt_show": opts["code-summary"]}
             cells.append(c)
         nb["cells"] = cells
         return nb
