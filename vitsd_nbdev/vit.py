@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 from torch.utils import flop_counter
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from .lsa import SelfAttention
@@ -17,8 +18,8 @@ from .patches import PatchEmbedding, PatchTokenization
 from .spt import ShiftedPatchTokenization
 
 # %% auto #0
-__all__ = ['PRESETS', 'VARIANTS', 'ADD_ON_MODELS', 'ViTConfig', 'Block', 'ViT', 'classifier', 'no_weight_decay_names',
-           'create_model', 'count_params', 'count_flops']
+__all__ = ['PRESETS', 'VARIANTS', 'ADD_ON_MODELS', 'ViTConfig', 'Block', 'take_indices', 'TimmModelAPI', 'ViT', 'classifier',
+           'no_weight_decay_names', 'create_model', 'count_params', 'count_flops']
 
 # %% ../nbs/05_vit.ipynb #451a3343
 @dataclass
@@ -41,6 +42,9 @@ class ViTConfig:
     temperature_form: str = "inverse"  # learn s = 1/τ ("inverse", official) or τ ("direct")
     spt_shift: int | None = None      # SPT shift in pixels; None: patch_size // 2
     spt_directions: str = "diagonal"  # SPT shift strategy: "diagonal", "cardinal" or "all"
+    # what the head reads: the class token ("token", the paper's), the mean of the patch tokens
+    # ("avg") or every token ("", no pooling)
+    global_pool: str = "token"
 
     def __post_init__(self):
         if self.diag_mask is None: self.diag_mask = self.lsa
@@ -55,6 +59,8 @@ class ViTConfig:
         if self.spt and self.spt_shift is None and self.patch_size < 2:
             raise ValueError(f"SPT shifts by patch_size // 2, which is 0 for patch size "
                              f"{self.patch_size}; use a patch size of at least 2 or set spt_shift")
+        if self.global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {self.global_pool!r}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
 
@@ -109,8 +115,79 @@ class Block(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, w) if return_weights else x
 
+# %% ../nbs/05_vit.ipynb #a7c1e0d2
+def take_indices(
+    n: int,                           # number of blocks (or stages) there are
+    indices: int | list[int] | None,  # None: all; k: the last k; a list: those (negative from the end)
+) -> tuple[list[int], int]:           # the chosen indices, ascending, and the largest of them
+    "The blocks that timm's `indices` argument (of `forward_intermediates`) asks for."
+    if indices is None: indices = n
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices} asks for the last {indices} of {n} blocks; "
+                             f"pass 1 to {n}")
+        take = list(range(n - indices, n))
+    else:
+        bad = [i for i in indices if not -n <= i < n]
+        if bad: raise ValueError(f"indices {bad} are out of range for {n} blocks")
+        take = sorted({i % n for i in indices})
+    return take, take[-1]
+
+class TimmModelAPI:
+    "timm's model API for a model with `config`, `norm`, `head`, `feature_info` and `forward_features`."
+    grad_checkpointing = False  # recompute each block in the backward pass: less memory, more time
+    num_prefix_tokens = 1       # tokens before the patch tokens: the class token
+
+    @property
+    def num_classes(self) -> int: return self.config.num_classes
+    @property
+    def in_chans(self) -> int: return self.config.in_chans
+    @property
+    def num_features(self) -> int: return self.feature_info[-1]["num_chs"]  # last tokens' width
+    @property
+    def head_hidden_size(self) -> int: return self.num_features             # pooled features' width
+
+    def get_classifier(self) -> nn.Module: return self.head
+
+    def set_grad_checkpointing(self, enable: bool = True): self.grad_checkpointing = enable
+
+    def _run(self, block: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        "One block; recomputed in the backward pass when gradient checkpointing is on."
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, z, use_reentrant=False)
+        return block(z)
+
+    def forward_head(self,
+                     z: torch.Tensor,           # normalised tokens [B, N, d] of `forward_features`
+                     pre_logits: bool = False,  # stop before the classifier: pooled features [B, d]
+                    ) -> torch.Tensor:          # logits [B, num_classes]
+        "Pool the tokens as `config.global_pool` says, then classify."
+        pool = self.config.global_pool
+        if pool == "token": z = z[:, 0]
+        elif pool == "avg": z = z[:, self.num_prefix_tokens:].mean(1)
+        return z if pre_logits else self.head(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # images [B, C, H, W] -> logits
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self,
+                         num_classes: int,                # 0: none, the model returns the features
+                         global_pool: str | None = None,  # a new pooling; None: keep it
+                        ):
+        "A new classifier for `num_classes` classes, on the model's device and dtype."
+        new = dict(num_classes=num_classes)
+        if global_pool is not None: new["global_pool"] = global_pool
+        self.config = replace(self.config, **new)  # the config checks the values
+        p = next(self.parameters())
+        head = classifier(self.num_features, num_classes).to(p.device, p.dtype)
+        self.head = head.apply(_init_official).train(self.training)
+
+    def no_weight_decay(self) -> set[str]:
+        "The parameters AdamW should not decay (see `no_weight_decay_names`)."
+        return no_weight_decay_names(self)
+
 # %% ../nbs/05_vit.ipynb #520c8439
-class ViT(nn.Module):
+class ViT(TimmModelAPI, nn.Module):
     "The paper's Vision Transformer for small datasets; `config.spt` and `.lsa` make it SL-ViT."
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -123,39 +200,60 @@ class ViT(nn.Module):
             Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, c.drop_path,
                   c.diag_mask, c.learned_temperature, c.temperature_form)
             for _ in range(c.depth)])
-        self.head = nn.Sequential(nn.LayerNorm(c.dim), classifier(c.dim, c.num_classes))
+        self.norm = nn.LayerNorm(c.dim)  # the final norm
+        self.head = classifier(c.dim, c.num_classes)
+        # what timm's feature extraction reads: each block's output, one token per patch
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=c.dim, reduction=c.patch_size)
+                             for i in range(c.depth)]
         self.apply(_init_official)
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
+        self._register_load_state_dict_pre_hook(_rename_old_head)
 
     def forward_features(
         self, x: torch.Tensor,  # images [B, C, H, W]
-    ) -> torch.Tensor:          # tokens [B, N+1, d] after the last block
-        "All tokens after the encoder, class token first (what the head and the analysis read)."
+    ) -> torch.Tensor:          # tokens [B, N+1, d] after the last block and the final norm
+        "All tokens after the encoder and the final norm, class token first."
         z = self.embed(x)
-        for block in self.blocks: z = block(z)
-        return z
+        for block in self.blocks: z = self._run(block, z)
+        return self.norm(z)
 
-    def forward_head(self,
-                     z: torch.Tensor,          # tokens [B, N+1, d] from `forward_features`
-                     pre_logits: bool = False, # stop before the classifier: pooled features [B, d]
-                    ) -> torch.Tensor:         # logits [B, num_classes]
-        "The final norm on the class token, then the classifier."
-        x = self.head[0](z[:, 0])
-        return x if pre_logits else self.head[1](x)
+    def forward_intermediates(
+        self, x: torch.Tensor,                   # images [B, C, H, W]
+        indices: int | list[int] | None = None,  # blocks: None all, k the last k, or a list
+        norm: bool = False,                      # apply the final norm to each
+        stop_early: bool = False,                # run no block after the last one asked for
+        output_fmt: str = "NCHW",                # "NCHW": maps [B, d, h, w]; "NLC": [B, h*w, d]
+        intermediates_only: bool = False,        # return only the list
+    ):  # (the tokens of `forward_features`, [patch tokens after each chosen block]), or the list
+        "The patch tokens after the chosen blocks, as maps or as tokens (timm's feature API)."
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = take_indices(len(self.blocks), indices)
+        z, feats = self.embed(x), []
+        for i, block in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
+            z = self._run(block, z)
+            if i in take: feats.append((self.norm(z) if norm else z)[:, 1:])
+        if output_fmt == "NCHW":
+            h = self.config.image_size // self.config.patch_size
+            feats = [f.reshape(f.shape[0], h, h, -1).permute(0, 3, 1, 2) for f in feats]
+        return feats if intermediates_only else (self.norm(z), feats)
 
-    def forward(
-        self, x: torch.Tensor,  # images [B, C, H, W]
-    ) -> torch.Tensor:          # logits [B, num_classes]
-        return self.forward_head(self.forward_features(x))
+    def prune_intermediate_layers(self,
+                                  indices: int | list[int] = 1,  # the blocks still wanted
+                                  prune_norm: bool = False,      # drop the final norm too
+                                  prune_head: bool = True,       # drop the classifier and pooling
+                                 ) -> list[int]:                 # the kept indices
+        "Drop the blocks after the last one in `indices`: a feature extractor (timm's API)."
+        take, last = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        self.config = replace(self.config, depth=last + 1)
+        if prune_norm: self.norm = nn.Identity()
+        if prune_head: self.reset_classifier(0, "")
+        return take
 
-    def reset_classifier(self, num_classes: int):  # 0: none, the model returns pooled features
-        "A new classifier for `num_classes` classes, initialised as at construction."
-        self.config = replace(self.config, num_classes=num_classes)
-        self.head[1] = classifier(self.config.dim, num_classes).apply(_init_official)
-
-    def no_weight_decay(self) -> set[str]:
-        "The parameters AdamW should not decay (see `no_weight_decay_names`)."
-        return no_weight_decay_names(self)
+    def group_matcher(self, coarse: bool = False) -> dict:
+        "Parameter groups for layer-wise learning-rate decay: embedding, each block, final norm."
+        return dict(stem=r"^embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.no_grad()
     def attention_maps(
@@ -178,6 +276,12 @@ def _init_official(m: nn.Module):
         if m.bias is not None: nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+
+def _rename_old_head(state_dict, prefix, *args):
+    "Load checkpoints from before version 0.0.2, whose final norm was `head.0`, classifier `head.1`."
+    for old, new in (("head.0.", "norm."), ("head.1.", "head.")):
+        for k in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + k[len(prefix + old):]] = state_dict.pop(k)
 
 # %% ../nbs/05_vit.ipynb #d8b3f373
 def classifier(dim: int, num_classes: int) -> nn.Module:  # Linear(dim, num_classes); 0: Identity
