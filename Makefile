@@ -1,13 +1,14 @@
 # The project's commands. Each sets up .venv itself (idempotent, quick when already set up).
 #   make run    the main job: train ViT and SL-ViT on the embedded digits data (CPU, offline, ~1 min)
-#   make test   every check (what CI runs): library in sync, notebooks clean, nbdev_test, pytest, docs
+#   make test   every check (what CI runs): library in sync, notebooks clean, nbdev_test, pytest, docs,
+#               timm's own model tests on our models
 #   make docs   build the documentation site into docs/ (offline; no Quarto needed)
 #   make lab    open JupyterLab on nbs/ with the project's virtual environment as kernel
 SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: run test docs lab venv sync-check clean-check nbtest pytest
+.PHONY: run test docs lab venv sync-check clean-check nbtest pytest timm-tests
 
 venv: $(VENV_STAMP)
 $(VENV_STAMP): settings.ini setup.py pyproject.toml
@@ -34,12 +35,16 @@ nbtest: venv
 pytest: venv
 	$(PY) -m pytest tests
 
+timm-tests: venv   # timm's own model tests on our registered models (skips if timm's source can't be downloaded)
+	OMP_NUM_THREADS=1 $(PY) tools/timm_model_tests.py -q
+
 docs: venv
 	$(PY) tools/build_docs.py
 
 test: sync-check clean-check nbtest docs
 	@git diff --exit-code --stat -- README.md || { echo "FAIL: README.md differs from what nbs/index.ipynb generates: run make docs and commit README.md"; exit 1; }
 	VITSD_REQUIRE_DOCS=1 $(PY) -m pytest tests
+	$(MAKE) timm-tests
 
 lab: venv
 	.venv/bin/jupyter lab --notebook-dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root)

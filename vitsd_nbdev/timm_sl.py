@@ -5,15 +5,24 @@
 # %% ../nbs/09b_timm.ipynb #fc7b277e
 from __future__ import annotations
 import sys
+from contextlib import nullcontext
+from dataclasses import fields
+from functools import partial
 
 import torch
 from torch import nn
-from .lsa import LearnedTemperature, attention_weights, locality_attention
-from .spt import ShiftedPatchTokenization
-from .vit import ADD_ON_MODELS, VARIANTS, create_model
+from .data import STATS
+from .lsa import (LearnedTemperature, SelfAttention, attention_weights,
+                              locality_attention)
+from .patches import PatchEmbedding, PatchTokenization
+from .pit import PiTConfig
+from .spt import ShiftedPatchTokenization, SPTPooling
+from .swin import SwinConfig
+from .vit import ADD_ON_MODELS, VARIANTS, ViTConfig, create_model
 
 # %% auto #0
-__all__ = ['SPTPatchEmbed', 'LSAttention', 'to_sl_vit', 'register_timm_models']
+__all__ = ['TIMM_MODELS', 'TIMM_DATASETS', 'SPTPatchEmbed', 'LSAttention', 'to_sl_vit', 'timm_pretrained_cfgs',
+           'register_timm_models']
 
 # %% ../nbs/09b_timm.ipynb #96a32950
 def _is_timm(obj, name: str, modules: tuple[str, ...]) -> bool:
@@ -161,26 +170,81 @@ def to_sl_vit(
     return model
 
 # %% ../nbs/09b_timm.ipynb #803e4613
-_TIMM_LOADING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")   # timm's, for weights
+# the models timm can build: the ViT variants, PiT and Swin, plain and SL
+TIMM_MODELS = [*VARIANTS, "pit", "sl_pit", "swin", "sl_swin"]
+# pretrained-config tag -> (`STATS` name, classes, image side): the paper's four datasets
+TIMM_DATASETS = {"cifar10": ("cifar10", 10, 32), "cifar100": ("cifar100", 100, 32),
+                 "svhn": ("svhn", 10, 32), "tiny_imagenet": ("tiny_imagenet", 200, 64)}
+
+def timm_pretrained_cfgs(name: str) -> dict[str, dict]:  # "vitsd_<name>.<tag>" -> timm config
+    "timm's pretrained configs of model `name`, one per dataset of the paper; none has weights."
+    first = "embed.tokenizer.0.proj" if name == "swin" else "embed.tokenizer.proj"  # first layer
+    cfgs = {}
+    for tag, (dataset, classes, side) in TIMM_DATASETS.items():
+        mean, std = STATS[dataset]
+        cfgs[f"vitsd_{name}.{tag}"] = dict(
+            url="", num_classes=classes, input_size=(len(mean), side, side), mean=mean, std=std,
+            # the images are used at their own size: no resizing, no cropping
+            interpolation="bilinear", crop_pct=1.0, fixed_input_size=True,
+            first_conv=first, classifier="head", license="apache-2.0")
+    return cfgs
+
+def _config_fields(name: str) -> set[str]:
+    "The config fields that model `name` takes as keywords."
+    config = {"pit": PiTConfig, "swin": SwinConfig}.get(ADD_ON_MODELS.get(name), ViTConfig)
+    return {f.name for f in fields(config)}
+
+_TIMM_KEYWORDS = {"drop_path_rate": "drop_path"}  # timm's name -> ours
+
+def _build(name: str, img_size: int | tuple[int, int] | None = None,
+           device=None, dtype=None, **kwargs) -> nn.Module:
+    "`create_model(name, ...)` with timm's keywords, on `device` in `dtype` (what timm's builder calls)."
+    kwargs = {_TIMM_KEYWORDS.get(k, k): v for k, v in kwargs.items()}
+    unknown = sorted(set(kwargs) - _config_fields(name) - {"preset"})
+    if unknown:
+        raise TypeError(f"vitsd_{name} got unexpected keyword argument(s) {unknown}; it takes "
+                        f"img_size, preset or a config field: {sorted(_config_fields(name))}")
+    if img_size is not None:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        if h != w: raise ValueError(f"vitsd_{name} takes square images, got img_size {img_size}")
+        kwargs["image_size"] = h
+    with torch.device(device) if device is not None else nullcontext():
+        model = create_model(name, **kwargs)
+    return model if dtype is None else model.to(dtype=dtype)
 
 def _timm_entrypoint(name: str):
-    "A timm model entrypoint that builds `create_model(name, ...)`."
-    def build(pretrained=False, num_classes=10, img_size=32, in_chans=3, preset=None, **overrides):
+    "A timm model entrypoint: timm's builder around `create_model(name, ...)`."
+    def build(pretrained: bool = False, **kwargs):
+        from timm.models import build_model_with_cfg
         if pretrained:
-            raise ValueError(f"there are no pretrained weights for {name}; use pretrained=False")
-        ours = {k: v for k, v in overrides.items() if k not in _TIMM_LOADING}
-        return create_model(name, num_classes, img_size, preset=preset, in_chans=in_chans, **ours)
+            raise ValueError(f"there are no pretrained weights for vitsd_{name}; the paper trains "
+                             "from scratch: use pretrained=False")
+        # features_only=True: the last three blocks (ViT) or the three stages, from
+        # `forward_intermediates`, as for timm's own ViT
+        return build_model_with_cfg(partial(_build, name), f"vitsd_{name}", pretrained,
+                                    feature_cfg=dict(feature_cls="getter", out_indices=3),
+                                    **kwargs)
     build.__name__ = build.__qualname__ = f"vitsd_{name}"
+    build.__doc__ = f"timm entrypoint of `create_model({name!r})`."
     return build
 
-
-def register_timm_models() -> list[str]:  # the registered names: "vitsd_" + a `create_model` name
-    "Register every model of this package with timm, so that `timm.create_model` builds it."
-    from timm.models import register_model     # timm is optional: imported only here
+def register_timm_models() -> list[str]:  # the registered names: "vitsd_" + a `TIMM_MODELS` name
+    "Register our models with timm, each with its pretrained configs, as timm registers its own."
+    from timm.layers import register_notrace_module  # timm is optional: imported only here
+    from timm.models import generate_default_cfgs, register_model
+    # layers that check their input's shape (a one-line error for a wrong input), which torch.fx
+    # cannot trace: timm's feature extraction treats them as leaves, as it does timm's own such layers
+    for layer in (PatchTokenization, ShiftedPatchTokenization, PatchEmbedding, SPTPooling,
+                  SelfAttention):
+        register_notrace_module(layer)
+    module = sys.modules[__name__]
+    # timm's `register_model` reads the configs from the entrypoint's module, as `default_cfgs`
+    module.default_cfgs = generate_default_cfgs(
+        {k: v for name in TIMM_MODELS for k, v in timm_pretrained_cfgs(name).items()})
     names = []
-    for name in [*VARIANTS, *ADD_ON_MODELS]:
+    for name in TIMM_MODELS:
         fn = _timm_entrypoint(name)
-        setattr(sys.modules[__name__], fn.__name__, fn)   # timm lists it in this module's __all__
+        setattr(module, fn.__name__, fn)   # timm lists it in this module's __all__
         register_model(fn)
         names.append(fn.__name__)
     return names
