@@ -185,3 +185,30 @@ def test_paired_difference_pairs_by_seed_and_applies_the_2se_rule():
     assert paired_difference(runs[:1] + runs[3:4], "sl_vit")["verdict"] == "one seed: no conclusion"
     deep = [_run("vit", 0, 0.5, depth=4), _run("sl_vit", 0, 0.6, depth=6)]
     assert paired_difference(deep, "sl_vit")["n"] == 0
+
+
+def test_chapter_answers_first_and_ends_with_checked_exercises():
+    "Chapter 8: its first results table comes before its first `def`; it ends with exercises."
+    from pathlib import Path
+    nb = Path(__file__).resolve().parent.parent / "nbs" / "08_experiments.ipynb"
+    cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+    src = ["".join(c["source"]) for c in cells]
+
+    def has_def(s):
+        return any(line.lstrip().startswith(("def ", "class ")) for line in s.splitlines())
+
+    def has_table(c):
+        return any("|---" in "".join(o.get("data", {}).get("text/markdown", ""))
+                   for o in c.get("outputs", []))
+
+    first_def = next(i for i, (c, s) in enumerate(zip(cells, src))
+                     if c["cell_type"] == "code" and has_def(s))
+    first_table = next(i for i, c in enumerate(cells) if c["cell_type"] == "code" and has_table(c))
+    assert first_table < first_def, (f"first results table at cell {first_table}, "
+                                     f"after the first definition at cell {first_def}")
+    ex = next(i for i, s in enumerate(src) if s.startswith("## Exercises"))
+    folded = [i for i, (c, s) in enumerate(zip(cells, src)) if i > ex and c["cell_type"] == "code"
+              and s.startswith("#| code-fold: true")
+              and c["metadata"].get("jupyter", {}).get("source_hidden")]
+    assert folded, "no folded solution cell (code-fold + source_hidden) after ## Exercises"
+    assert all("test_fail(" in src[i + 1] for i in folded), "a solution's check proves no rejection"
