@@ -278,7 +278,7 @@ def _init_official(m: nn.Module):
         nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
 
 def _rename_old_head(state_dict, prefix, *args):
-    "Load checkpoints from before version 0.0.2, whose final norm was `head.0`, classifier `head.1`."
+    "Load older checkpoints, whose final norm was `head.0` and classifier `head.1`."
     for old, new in (("head.0.", "norm."), ("head.1.", "head.")):
         for k in [k for k in state_dict if k.startswith(prefix + old)]:
             state_dict[prefix + new + k[len(prefix + old):]] = state_dict.pop(k)
