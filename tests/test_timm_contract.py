@@ -60,6 +60,9 @@ def test_sizes_heads_and_pooling(name):
         feats = m.forward_head(z, pre_logits=True)
         assert z.ndim == 3 and z.shape[-1] == m.num_features
         assert feats.shape == (2, m.head_hidden_size)
+        # timm's pooling: the class token, or the mean of the patch tokens (Swin: all tokens)
+        pooled = z[:, 0] if m.config.global_pool == "token" else z[:, m.num_prefix_tokens:].mean(1)
+        assert torch.equal(feats, pooled)
         assert torch.equal(m.forward_head(z), m(x)) and m(x).shape == (2, m.num_classes)
         m.reset_classifier(0)
         assert m.num_classes == 0 and torch.equal(m(x), feats)
@@ -113,18 +116,29 @@ def test_layer_decay_groups_the_layers(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_grad_checkpointing_changes_nothing_but_memory(name):
+def test_grad_checkpointing_recomputes_and_changes_nothing_else(name):
     torch.manual_seed(0)
     m = tiny(name)
     m.eval()   # no stochastic depth: the two passes must agree
     x = torch.randn(2, m.in_chans, m.config.image_size, m.config.image_size)
-    m(x).square().sum().backward()
-    grads = [p.grad.clone() for p in m.parameters()]
-    m.zero_grad()
+    block = next(b for b in m.modules() if type(b).__name__.endswith("Block"))
+    layer = block.mlp[0]   # the first layer of its MLP
+    calls = []
+    layer.register_forward_hook(lambda *_: calls.append(1))
+
+    def grads():
+        "Gradients of a loss, and how often the first block's MLP ran for them."
+        m.zero_grad()
+        calls.clear()
+        m(x).square().sum().backward()
+        return [p.grad.clone() for p in m.parameters()], len(calls)
+
+    plain, n_plain = grads()
     m.set_grad_checkpointing()
-    m(x).square().sum().backward()
-    for g, p in zip(grads, m.parameters()):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    ckpt, n_ckpt = grads()
+    assert (n_plain, n_ckpt) == (1, 2)   # checkpointing runs the block again in the backward pass
+    for g, h in zip(plain, ckpt):
+        torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)
