@@ -96,6 +96,8 @@ def test_every_parameter_gets_a_gradient_and_embeddings_skip_decay(name):
     (lambda: create_pit("pit", image_size=32)(torch.randn(3, 32, 32)), "expected images"),
     (lambda: ConvPooling(8, 16)(torch.randn(2, 64, 8)), "square grid"),
     (lambda: ConvPooling(8, 12), "multiple of in_dim"),
+    (lambda: create_pit("pit", global_pool="mean"), "global_pool must be"),
+    (lambda: create_pit("pit", image_size=16, preset="tiny").forward_intermediates(torch.randn(1, 3, 16, 16), indices=4), "asks for the last 4 of 3"),
 ])
 def test_bad_input_gets_a_one_line_value_error(make, message):
     with pytest.raises(ValueError, match=message) as e:
@@ -139,3 +141,38 @@ def test_cli_trains_a_pit(tmp_path, run_folder_check):
     spec = dict(name="pit", num_classes=10, image_size=16, preset="tiny", in_chans=1)
     assert json.loads((tmp_path / "config.json").read_text())["model"] == spec
     assert metrics["summary"]["final_acc"] > 0.3       # chance is 0.1 (measured: 0.56)
+
+
+def test_checkpoints_with_the_old_head_still_load():
+    "Before version 0.0.2 the final norm was head.0 and the classifier head.1; such files still load."
+    torch.manual_seed(0)
+    m = create_pit("sl_pit", image_size=16, preset="tiny").eval()
+    old = {k.replace("norm.", "head.0.", 1) if k.startswith("norm.") else
+           k.replace("head.", "head.1.", 1) if k.startswith("head.") else k: v
+           for k, v in m.state_dict().items()}
+    assert {"head.0.weight", "head.1.weight"} <= set(old) and "norm.weight" not in old
+    fresh = create_pit("sl_pit", image_size=16, preset="tiny").eval()
+    fresh.load_state_dict(old)   # strict
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(): assert torch.equal(fresh(x), m(x))
+
+
+def test_forward_features_ends_with_the_final_norm():
+    "timm's meaning: forward_features includes the final norm; forward_head only pools and classifies."
+    torch.manual_seed(0)
+    m = create_pit("pit", image_size=16, preset="tiny").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        z = m.forward_features(x)
+        raw = m.forward_intermediates(x, output_fmt="NLC")[1][-1]   # last stage, before the norm
+        torch.testing.assert_close(z[:, 1:], m.norm(raw))
+        torch.testing.assert_close(m(x), m.head(z[:, 0]))
+
+
+@pytest.mark.parametrize("pool", ["avg", ""])
+def test_global_pool_other_than_the_class_token(pool):
+    m = create_pit("pit", image_size=16, preset="tiny", num_classes=0, global_pool=pool).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        z = m.forward_features(x)
+        assert torch.equal(m(x), z[:, 1:].mean(1) if pool else z)

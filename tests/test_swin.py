@@ -186,3 +186,36 @@ def test_one_epoch_of_training_on_digits():
     assert s["final_acc"] > 0.15   # one epoch already learns: chance is 0.1 (measured: 0.24)
     assert s["params"] == count_params(create_model("sl_swin", image_size=16, preset="tiny",
                                                     in_chans=1))
+
+
+def test_built_on_meta_then_materialised_gives_the_same_model():
+    "Buffers are computed on the CPU; after to_empty(), timm's reinit_non_persistent_buffers restores them."
+    timm = pytest.importorskip("timm")
+    from timm.models._manipulate import reinit_non_persistent_buffers
+    torch.manual_seed(0)
+    ref = create_model("sl_swin", image_size=16, preset="tiny").eval()
+    with torch.device("meta"):
+        m = create_model("sl_swin", image_size=16, preset="tiny")
+    assert all(b.device.type == "meta" for b in m.buffers())
+    m = m.to_empty(device="cpu").eval()
+    assert len(reinit_non_persistent_buffers(m)) == sum(len(st) for st in m.stages)
+    m.load_state_dict(ref.state_dict())
+    for (n, a), (_, b) in zip(ref.named_buffers(), m.named_buffers()): assert torch.equal(a, b), n
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(): assert torch.equal(m(x), ref(x))
+
+
+def test_forward_features_ends_with_the_final_norm_and_global_pool():
+    torch.manual_seed(0)
+    m = create_model("swin", image_size=16, preset="tiny").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        z = m.forward_features(x)
+        raw = m.forward_intermediates(x, output_fmt="NLC")[1][-1]
+        torch.testing.assert_close(z, m.norm(raw))
+        torch.testing.assert_close(m(x), m.head(z.mean(1)))
+        flat = create_model("swin", image_size=16, preset="tiny", num_classes=0, global_pool="")
+        flat.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("head.")})
+        assert torch.equal(flat.eval()(x), z)
+    with pytest.raises(ValueError, match="no class token"):
+        create_model("swin", image_size=16, preset="tiny", global_pool="token")

@@ -13,7 +13,8 @@ from torch import nn
 
 from .patches import PatchEmbedding, PatchTokenization
 from .spt import ShiftedPatchTokenization, SPTPooling
-from .vit import Block, _init_official, classifier, no_weight_decay_names
+from .vit import (Block, TimmModelAPI, _init_official, _rename_old_head, classifier,
+                             take_indices)
 
 # %% auto #0
 __all__ = ['PIT_PRESETS', 'PIT_MODELS', 'PiTConfig', 'ConvPooling', 'PiT', 'create_pit']
@@ -34,6 +35,9 @@ class PiTConfig:
     drop_path: float = 0.1                # stochastic-depth rate of every residual branch
     sl: bool = False                      # SL-PiT: SPT embedding and pooling, LSA in every block
     pool_pointwise: bool = True           # 1×1 conv after plain pooling (official code; Heo: none)
+    # what the head reads: the class token ("token", the paper's), the mean of the last stage's
+    # patch tokens ("avg") or every token ("", no pooling)
+    global_pool: str = "token"
 
     def __post_init__(self):
         self.depths, self.heads = tuple(self.depths), tuple(self.heads)
@@ -54,6 +58,8 @@ class PiTConfig:
         if self.sl and self.patch_size < 2:
             raise ValueError(f"SPT shifts by patch_size // 2, which is 0 for patch size "
                              f"{self.patch_size}; use a patch size of at least 2")
+        if self.global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {self.global_pool!r}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
 
@@ -74,6 +80,19 @@ PIT_PRESETS = {  # None (no preset) is the paper's PiT
 }
 
 # %% ../nbs/09_pit.ipynb #a38798d0
+# torch.fx (timm's feature extraction traces the model with it) records each call of these as one
+# step instead of tracing into it: they read the tokens' sizes, which a traced tensor does not have
+torch.fx.wrap("rearrange")
+torch.fx.wrap("_even_grid_side")
+
+def _even_grid_side(tokens: torch.Tensor) -> int:  # [B, N, d] -> h, where N = h*h and h is even
+    "Side of the square grid of visual tokens, or a one-line error when there is none to halve."
+    N, h = tokens.shape[1], math.isqrt(tokens.shape[1])
+    if h * h != N or h % 2:
+        raise ValueError(f"{N} visual tokens (after the class token) do not form a square grid "
+                         "with an even side; the pooling layer needs N = h*h with h even")
+    return h
+
 class ConvPooling(nn.Module):
     "PiT's pooling: depth-wise 3×3 stride-2 conv of the token grid; the class token gets a Linear."
     def __init__(self,
@@ -90,21 +109,19 @@ class ConvPooling(nn.Module):
         self.cls_proj = nn.Linear(in_dim, out_dim)   # E_cls
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:  # [B, 1+N, in_dim] -> [B, 1+N/4, out_dim]
-        if not isinstance(y, torch.Tensor) or y.ndim != 3:
+        traced = isinstance(y, torch.fx.Proxy)  # torch.fx: a symbolic tensor, no sizes to check
+        if not traced and (not isinstance(y, torch.Tensor) or y.ndim != 3):
             raise ValueError(f"expected tokens of shape [B, 1+N, d], "
                              f"got {tuple(getattr(y, 'shape', ()))}")
         cls, tokens = y[:, :1], y[:, 1:]
-        N, h = tokens.shape[1], math.isqrt(tokens.shape[1])
-        if h * h != N or h % 2:
-            raise ValueError(f"{N} visual tokens (after the class token) do not form a square grid "
-                             "with an even side; the pooling layer needs N = h*h with h even")
+        h = _even_grid_side(tokens)
         # R, then the depth-wise convolution
         g = self.conv(rearrange(tokens, "b (h w) d -> b d h w", h=h))
         if self.pointwise is not None: g = self.pointwise(g)
         return torch.cat([self.cls_proj(cls), rearrange(g, "b d h w -> b (h w) d")], dim=1)
 
 # %% ../nbs/09_pit.ipynb #2efdcfc2
-class PiT(nn.Module):
+class PiT(TimmModelAPI, nn.Module):
     "Pooling-based ViT (Heo et al. 2021) for small datasets; `config.sl` makes it SL-PiT."
     def __init__(self, config: PiTConfig):
         super().__init__()
@@ -120,42 +137,86 @@ class PiT(nn.Module):
         self.pools = nn.ModuleList([SPTPooling(d, 2 * d, merge_size=2) if c.sl
                                     else ConvPooling(d, 2 * d, c.pool_pointwise)
                                     for d in c.dims[:-1]])
-        self.head = nn.Sequential(nn.LayerNorm(c.dims[-1]), classifier(c.dims[-1], c.num_classes))
+        self.norm = nn.LayerNorm(c.dims[-1])  # the final norm
+        self.head = classifier(c.dims[-1], c.num_classes)
+        # what timm's feature extraction reads: each stage's width and stride in pixels
+        self.feature_info = [dict(module=f"stages.{i}", num_chs=d, reduction=c.image_size // g)
+                             for i, (d, g) in enumerate(zip(c.dims, c.grids))]
         self.apply(_init_pit)
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
+        self._register_load_state_dict_pre_hook(_rename_old_head)  # head.0, head.1 -> norm, head
 
-    def forward_features(self,
-                         x: torch.Tensor,   # images [B, C, H, W]
-                        ) -> torch.Tensor:  # tokens [B, 1+N_last, d_last]
-        "All tokens after the last stage, class token first."
+    def _check_images(self, x: torch.Tensor):
+        "A one-line error unless x is a batch of images of the model's size and channels."
         c = self.config
+        if isinstance(x, torch.fx.Proxy): return  # torch.fx: a symbolic tensor, no sizes to check
         want = (c.in_chans, c.image_size, c.image_size)
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"expected images [B, {c.in_chans}, {c.image_size}, {c.image_size}], "
                              f"got {tuple(getattr(x, 'shape', ()))}; build the model for this "
                              "image size and channel count")
+
+    def forward_features(self,
+                         x: torch.Tensor,   # images [B, C, H, W]
+                        ) -> torch.Tensor:  # tokens [B, 1+N_last, d_last]
+        "All tokens after the last stage and the final norm, class token first."
+        self._check_images(x)
         z = self.embed(x)
         for s, stage in enumerate(self.stages):
             if s: z = self.pools[s - 1](z)
-            z = stage(z)
-        return z
+            for block in stage: z = self._run(block, z)
+        return self.norm(z)
 
-    def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        "The final norm on the class token, then the classifier (as `ViT.forward_head`)."
-        x = self.head[0](z[:, 0])
-        return x if pre_logits else self.head[1](x)
+    def forward_intermediates(
+        self, x: torch.Tensor,                   # images [B, C, H, W]
+        indices: int | list[int] | None = None,  # stages: None all, k the last k, or a list
+        norm: bool = False,                      # the final norm on the last stage's tokens
+        stop_early: bool = False,                # run no stage after the last one asked for
+        output_fmt: str = "NCHW",                # "NCHW": maps [B, d, h, w]; "NLC": [B, h*w, d]
+        intermediates_only: bool = False,        # return only the list
+    ):  # (the tokens of `forward_features`, [patch tokens after each chosen stage]), or the list
+        "The patch tokens after the chosen stages, as maps or as tokens (timm's feature API)."
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        n = len(self.stages)
+        take, last = take_indices(n, indices)
+        ran = last + 1 if stop_early else n     # stages to run
+        self._check_images(x)
+        z, feats = self.embed(x), []
+        for s in range(ran):
+            if s: z = self.pools[s - 1](z)
+            for block in self.stages[s]: z = self._run(block, z)
+            if s not in take: continue
+            # the final norm is as wide as the last stage only; the class token is dropped
+            f = (self.norm(z) if norm and s == n - 1 else z)[:, 1:]
+            g = self.config.grids[s]
+            feats.append(f.unflatten(1, (g, g)).permute(0, 3, 1, 2) if output_fmt == "NCHW" else f)
+        if intermediates_only: return feats
+        return (self.norm(z) if ran == n else z), feats
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> logits [B, num_classes]
-        return self.forward_head(self.forward_features(x))
+    def prune_intermediate_layers(self,
+                                  indices: int | list[int] = 1,  # the stages still wanted
+                                  prune_norm: bool = False,      # drop the final norm too
+                                  prune_head: bool = True,       # drop the classifier and pooling
+                                 ) -> list[int]:                 # the kept indices
+        "Drop the stages (and pooling layers) after the last one in `indices` (timm's API)."
+        n = len(self.stages)
+        take, last = take_indices(n, indices)
+        del self.stages[last + 1:], self.pools[last:]  # in place: the lists keep train/eval mode
+        self.feature_info = self.feature_info[:last + 1]
+        c = self.config
+        self.config = replace(c, depths=c.depths[:last + 1], heads=c.heads[:last + 1])
+        # the final norm and the classifier are as wide as the last stage: they go with it
+        if prune_norm or last < n - 1: self.norm = nn.Identity().train(self.training)
+        if prune_head or last < n - 1: self.reset_classifier(0, "")
+        return take
 
-    def reset_classifier(self, num_classes: int):  # 0: none, the model returns pooled features
-        "A new classifier for `num_classes` classes (as `ViT.reset_classifier`)."
-        self.config = replace(self.config, num_classes=num_classes)
-        self.head[1] = classifier(self.config.dims[-1], num_classes).apply(_init_pit)
-
-    def no_weight_decay(self) -> set[str]:
-        "The parameters AdamW should not decay (see `no_weight_decay_names`)."
-        return no_weight_decay_names(self)
+    def group_matcher(self, coarse: bool = False) -> dict:
+        "Parameter groups for layer-wise lr decay: embedding, each block (or stage), each pooling."
+        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
+        # (99998,): a pooling layer after its stage's blocks; (99999,): with the group before
+        return dict(stem=r"^embed", blocks=[(blocks, None), (r"^pools\.(\d+)", (99998,)),
+                                            (r"^norm", (99999,))])
 
 def _init_pit(m: nn.Module):
     "The official initialisation (`vit._init_official`), with Xavier-normal convolutions too."

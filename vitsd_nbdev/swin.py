@@ -14,7 +14,7 @@ from torch import nn
 from .lsa import LearnedTemperature, attention_weights, locality_attention
 from .patches import PatchEmbedding, PatchTokenization, patchify
 from .spt import ShiftedPatchTokenization, SPTPooling
-from .vit import Block, classifier, no_weight_decay_names
+from .vit import Block, TimmModelAPI, classifier, take_indices
 
 # %% auto #0
 __all__ = ['SWIN_VARIANTS', 'SWIN_PRESETS', 'SwinConfig', 'window_partition', 'window_reverse', 'relative_position_index',
@@ -35,6 +35,9 @@ class SwinConfig:
     mlp_ratio: float = 2.0               # MLP hidden width / token width
     drop_path: float = 0.1               # stochastic depth of the last block; rises linearly from 0
     sl: bool = False                     # SL-Swin: SPT to embed and merge patches, LSA in windows
+    # what the head reads: the mean of the last stage's tokens ("avg") or every token ("", no
+    # pooling); Swin has no class token
+    global_pool: str = "avg"
 
     def __post_init__(self):
         self.depths, self.heads = tuple(self.depths), tuple(self.heads)
@@ -50,6 +53,9 @@ class SwinConfig:
                              "number (at least 1) of stages")
         if self.window_size < 1:
             raise ValueError(f"window_size must be at least 1, got {self.window_size}")
+        if self.global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (Swin has no class token), "
+                             f"got {self.global_pool!r}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         g, n = self.grid, len(self.depths)
@@ -143,6 +149,13 @@ def shifted_window_mask(
     return torch.zeros(r.shape + r.shape[-1:]).masked_fill(different, float("-inf"))
 
 # %% ../nbs/09a_swin.ipynb #4db9d18e
+# torch.fx (timm's feature extraction traces the model with it) records each call of these as one
+# step instead of tracing into it: they read or check the tensors' sizes, which a traced tensor
+# does not have
+for _f in ("rearrange", "patchify", "window_partition", "window_reverse", "locality_attention",
+           "attention_weights", "_even_grid_side"):
+    torch.fx.wrap(_f)
+
 class WindowAttention(nn.Module):
     "Multi-head attention in (shifted) M×M windows, Swin's relative-position bias, LSA options."
     def __init__(self,
@@ -166,19 +179,36 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window_size - 1) ** 2, heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.register_buffer("relative_position_index", relative_position_index(window_size),
+        index, mask = self._window_buffers()
+        device = torch.empty(0).device  # where the model is built ("meta" too)
+        self.register_buffer("relative_position_index", index.to(device), persistent=False)
+        self.register_buffer("window_mask", None if mask is None else mask.to(device),
                              persistent=False)
-        mask = shifted_window_mask(grid, window_size, shift) if shift else None
-        self.register_buffer("window_mask", mask, persistent=False)
         if lsa:
             self.temperature = LearnedTemperature(heads, self.head_dim)   # τ per head, init √d_k
             T = window_size ** 2
-            keys = torch.ones(1, T, T, dtype=torch.bool) if mask is None else mask == 0
-            if not (keys & ~torch.eye(T, dtype=torch.bool)).any(-1).all():
+            with torch.device("cpu"):  # the CPU mask, wherever the model is built
+                keys = torch.ones(1, T, T, dtype=torch.bool) if mask is None else mask == 0
+                lonely = not (keys & ~torch.eye(T, dtype=torch.bool)).any(-1).all()
+            if lonely:
                 raise ValueError(f"with LSA, window size {window_size} and shift {shift} leave a "
                                  "query with no key to attend to (a region of one token); use a "
                                  "window size of at least 4")
         else: self.temperature = None
+
+    def _window_buffers(self) -> tuple[torch.Tensor, torch.Tensor | None]:  # index, mask
+        "The relative-position index and the shifted-window mask, computed on the CPU."
+        with torch.device("cpu"):  # real values even when the model is built on "meta"
+            index = relative_position_index(self.window_size)
+            shift = self.shift
+            mask = shifted_window_mask(self.grid, self.window_size, shift) if shift else None
+        return index, mask
+
+    def init_non_persistent_buffers(self):
+        "Recompute the buffers, e.g. after `to_empty()` (timm calls this after loading weights)."
+        index, mask = self._window_buffers()
+        self.relative_position_index.copy_(index)
+        if mask is not None: self.window_mask.copy_(mask)
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, grid={self.grid}, window_size={self.window_size}, "
@@ -204,14 +234,16 @@ class WindowAttention(nn.Module):
                ):                             # [B, N, d]; with return_weights also the weights
         "Roll, cut into windows, attend inside each window, put the windows back, roll back."
         g, M, s, nW = self.grid, self.window_size, self.shift, self.num_windows
-        if not isinstance(x, torch.Tensor) or x.ndim != 3 \
-                or tuple(x.shape[1:]) != (g * g, self.dim):
+        traced = isinstance(x, torch.fx.Proxy)  # torch.fx: a symbolic tensor, no sizes to check
+        if not traced and (not isinstance(x, torch.Tensor) or x.ndim != 3
+                           or tuple(x.shape[1:]) != (g * g, self.dim)):
             raise ValueError(f"expected tokens of shape [B, {g * g}, {self.dim}] (a {g}x{g} map), "
                              f"got {tuple(getattr(x, 'shape', ()))}")
         z = x.view(x.shape[0], g, g, self.dim)
         if s: z = torch.roll(z, shifts=(-s, -s), dims=(1, 2))
-        q, k, v = rearrange(self.qkv(window_partition(z, M)),
-                            "b n t (three h d) -> three b (n h) t d", three=3, h=self.heads)
+        qkv = rearrange(self.qkv(window_partition(z, M)),
+                        "b n t (three h d) -> three b (n h) t d", three=3, h=self.heads)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         # 4-D: SDPA's fused CPU kernel needs a 4-D mask
         bias = self.logit_bias().reshape(1, nW * self.heads, M * M, M * M)
         # windows are heads: τ once per window
@@ -226,6 +258,14 @@ class WindowAttention(nn.Module):
                               "b (n h) t u -> b n h t u", h=self.heads)
 
 # %% ../nbs/09a_swin.ipynb #427a2c15
+def _even_grid_side(y: torch.Tensor) -> int:  # tokens [B, N, d] -> h, where N = h*h, h even
+    "Side of the square token grid, or a one-line error when there is none to merge."
+    h = math.isqrt(y.shape[1])
+    if h * h != y.shape[1] or h % 2:
+        raise ValueError(f"{y.shape[1]} tokens do not form a square grid of even side; "
+                         "patch merging needs N = h*h with h even")
+    return h
+
 class PatchMerging(nn.Module):
     "Swin's patch merging: concatenate each 2×2 block of tokens, LayerNorm, Linear without bias."
     def __init__(self,
@@ -237,13 +277,11 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * in_dim, out_dim, bias=False)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:  # [B, N, in_dim] -> [B, N/4, out_dim]
-        if not isinstance(y, torch.Tensor) or y.ndim != 3:
+        traced = isinstance(y, torch.fx.Proxy)  # torch.fx: a symbolic tensor, no sizes to check
+        if not traced and (not isinstance(y, torch.Tensor) or y.ndim != 3):
             raise ValueError("expected tokens of shape [B, N, d], got "
                              f"{tuple(getattr(y, 'shape', ()))}")
-        h = math.isqrt(y.shape[1])
-        if h * h != y.shape[1] or h % 2:
-            raise ValueError(f"{y.shape[1]} tokens do not form a square grid of even side; "
-                             "patch merging needs N = h*h with h even")
+        h = _even_grid_side(y)
         return self.reduction(self.norm(patchify(rearrange(y, "b (h w) d -> b d h w", h=h), 2)))
 
 # %% ../nbs/09a_swin.ipynb #f3db63f7
@@ -267,8 +305,10 @@ SWIN_PRESETS = {  # None (no preset) is the paper's model
     "tiny": dict(patch_size=2, embed_dim=32, depths=(2, 2), heads=(2, 4), drop_path=0.0),
 }
 
-class Swin(nn.Module):
+class Swin(TimmModelAPI, nn.Module):
     "A small Swin Transformer (Liu et al. 2021) as in the paper; `config.sl` makes it SL-Swin."
+    num_prefix_tokens = 0  # no class token: every token is a patch token
+
     def __init__(self, config: SwinConfig):
         super().__init__()
         self.config = c = config
@@ -277,7 +317,8 @@ class Swin(nn.Module):
                                         nn.LayerNorm(c.embed_dim))
         # + absolute position embedding
         self.embed = PatchEmbedding(tokenizer, c.grid ** 2, c.embed_dim, cls_token=False)
-        rates = iter(torch.linspace(0, c.drop_path, sum(c.depths)).tolist())
+        # drop-path rates (Python numbers, computed on the CPU wherever the model is built)
+        rates = iter(torch.linspace(0, c.drop_path, sum(c.depths), device="cpu").tolist())
         self.stages, self.merges = nn.ModuleList(), nn.ModuleList()
         for i, s in enumerate(c.stages):
             self.stages.append(nn.Sequential(*[
@@ -288,33 +329,71 @@ class Swin(nn.Module):
                 if c.sl: merge = SPTPooling(s["dim"], 2 * s["dim"], merge_size=2, cls_token=False)
                 else: merge = PatchMerging(s["dim"], 2 * s["dim"])
                 self.merges.append(merge)
-        self.norm = nn.LayerNorm(c.stages[-1]["dim"])
+        self.norm = nn.LayerNorm(c.stages[-1]["dim"])  # the final norm
         self.head = classifier(c.stages[-1]["dim"], c.num_classes)
+        # what timm's feature extraction reads: each stage's width and stride in pixels
+        self.feature_info = [dict(module=f"stages.{i}", num_chs=s["dim"],
+                                  reduction=c.image_size // s["grid"])
+                             for i, s in enumerate(c.stages)]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # images -> last tokens [B, N, d]
-        "The tokens after the last stage."
+    def forward_features(self,
+                         x: torch.Tensor,   # images [B, C, H, W]
+                        ) -> torch.Tensor:  # tokens [B, N_last, d_last]
+        "The tokens after the last stage and the final norm."
         z = self.embed(x)
         for i, stage in enumerate(self.stages):
-            z = stage(z)
-            if i < len(self.merges): z = self.merges[i](z)
-        return z
+            if i: z = self.merges[i - 1](z)
+            for block in stage: z = self._run(block, z)
+        return self.norm(z)
 
-    def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        "The final norm, the mean over the tokens, then the classifier (as `ViT.forward_head`)."
-        x = self.norm(z).mean(1)
-        return x if pre_logits else self.head(x)
+    def forward_intermediates(
+        self, x: torch.Tensor,                   # images [B, C, H, W]
+        indices: int | list[int] | None = None,  # stages: None all, k the last k, or a list
+        norm: bool = False,                      # the final norm on the last stage's tokens
+        stop_early: bool = False,                # run no stage after the last one asked for
+        output_fmt: str = "NCHW",                # "NCHW": maps [B, d, h, w]; "NLC": [B, h*w, d]
+        intermediates_only: bool = False,        # return only the list
+    ):  # (the tokens of `forward_features`, [tokens after each chosen stage]), or the list
+        "The tokens after the chosen stages, as maps or as tokens (timm's feature API)."
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        n = len(self.stages)
+        take, last = take_indices(n, indices)
+        ran = last + 1 if stop_early else n     # stages to run
+        z, feats = self.embed(x), []
+        for i in range(ran):
+            if i: z = self.merges[i - 1](z)
+            for block in self.stages[i]: z = self._run(block, z)
+            if i not in take: continue
+            f = self.norm(z) if norm and i == n - 1 else z  # the final norm fits the last stage
+            g = self.config.stages[i]["grid"]
+            feats.append(f.unflatten(1, (g, g)).permute(0, 3, 1, 2) if output_fmt == "NCHW" else f)
+        if intermediates_only: return feats
+        return (self.norm(z) if ran == n else z), feats
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> logits [B, num_classes]
-        return self.forward_head(self.forward_features(x))
+    def prune_intermediate_layers(self,
+                                  indices: int | list[int] = 1,  # the stages still wanted
+                                  prune_norm: bool = False,      # drop the final norm too
+                                  prune_head: bool = True,       # drop the classifier and pooling
+                                 ) -> list[int]:                 # the kept indices
+        "Drop the stages (and patch mergings) after the last one in `indices` (timm's API)."
+        n = len(self.stages)
+        take, last = take_indices(n, indices)
+        del self.stages[last + 1:], self.merges[last:]  # in place: the lists keep train/eval mode
+        self.feature_info = self.feature_info[:last + 1]
+        c = self.config
+        self.config = replace(c, depths=c.depths[:last + 1], heads=c.heads[:last + 1])
+        # the final norm and the classifier are as wide as the last stage: they go with it
+        if prune_norm or last < n - 1: self.norm = nn.Identity().train(self.training)
+        if prune_head or last < n - 1: self.reset_classifier(0, "")
+        return take
 
-    def reset_classifier(self, num_classes: int):  # 0: none, the model returns pooled features
-        "A new classifier for `num_classes` classes (as `ViT.reset_classifier`)."
-        self.config = replace(self.config, num_classes=num_classes)
-        self.head = classifier(self.config.stages[-1]["dim"], num_classes)
-
-    def no_weight_decay(self) -> set[str]:
-        "The parameters AdamW should not decay (see `no_weight_decay_names`)."
-        return no_weight_decay_names(self)
+    def group_matcher(self, coarse: bool = False) -> dict:
+        "Parameter groups for layer-wise lr decay: embedding, each block (or stage), each merging."
+        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
+        # (99998,): a merging layer after its stage's blocks; (99999,): with the group before
+        return dict(stem=r"^embed", blocks=[(blocks, None), (r"^merges\.(\d+)", (99998,)),
+                                            (r"^norm", (99999,))])
 
 def create_swin(
     name: str,                  # "swin" or "sl_swin"
