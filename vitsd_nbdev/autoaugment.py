@@ -62,10 +62,13 @@ def _warp(
     dev = x.device
     theta = matrix.to(torch.float32).view(b, 2, 3).to(dev)
     t = theta.transpose(1, 2) / torch.tensor([0.5 * W, 0.5 * H], device=dev)   # [b, 3, 2]
-    px = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=dev).view(1, 1, W, 1)
-    py = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=dev).view(1, H, 1, 1)
-    t0, t1, t2 = (t[:, k].view(b, 1, 1, 2) for k in range(3))
-    grid = px * t0 + py * t1 + t2                      # [b, H, W, 2]: torchvision's bmm, same bits
+    base = torch.empty(1, H, W, 3, device=dev)         # (x, y, 1) of every output pixel
+    base[..., 0].copy_(torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=dev))
+    ys = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=dev)
+    base[..., 1].copy_(ys.unsqueeze(-1))
+    base[..., 2].fill_(1)
+    # torchvision's own product (bmm), one matrix per image: the same bits as its grid
+    grid = base.view(1, H * W, 3).expand(b, -1, -1).bmm(t).view(b, H, W, 2)
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.to(torch.uint8)                   # nearest: the values are the input's bytes, or 0
 
