@@ -1,5 +1,7 @@
 "Data (chapter 6): datasets, statistics, the augmentation recipe, Mixup/CutMix, the loaders and the fast path."
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -601,3 +603,21 @@ def test_split_smaller_than_a_batch_still_has_one_batch(tmp_path):
     make_folder(tmp_path / "ds", n=5, size=12)
     tr, _, _ = get_loaders(f"imagefolder:{tmp_path / 'ds'}", batch_size=128, num_workers=0)
     assert len(tr) == 1 and len(next(iter(tr))[1]) == 12
+
+
+def test_importing_data_does_not_import_torchvision():
+    "torchvision (its transforms pull in torchvision.models: about a second) is imported where used, not by `import`."
+    code = ("import sys, vitsd_nbdev.data\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torchvision')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"import vitsd_nbdev.data imported {r.stdout.strip()}"
+
+
+def test_names_moved_to_the_appendix_are_importable_from_data():
+    import vitsd_nbdev.data as data
+    import vitsd_nbdev.runs as runs
+    for name in ("FileImages", "ImageFileError", "read_image", "get_loaders", "MixCollate", "TINY_IMAGENET_URL"):
+        assert getattr(data, name) is getattr(runs, name), name
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        data.nothing_here

@@ -5,9 +5,8 @@
 # %% ../nbs/06_data.ipynb #cdbb4d9b
 from __future__ import annotations
 import copy
-import hashlib
+import importlib
 import math
-import os
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -16,17 +15,12 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.transforms import v2
 
 # %% auto #0
-__all__ = ['TINY_IMAGENET_URL', 'DATASETS', 'STATS', 'AUTOAUGMENT_POLICIES', 'ERASE_SCALE', 'ERASE_RATIO', 'DatasetInfo',
-           'ImageDataset', 'resize_square', 'TensorImages', 'digits_arrays', 'stratified_split', 'ImageFileError',
-           'read_image', 'FileImages', 'get_dataset', 'channel_stats', 'AugmentConfig', 'default_augment',
-           'train_transform', 'eval_transform', 'mix_batch', 'MixCollate', 'get_loaders']
+__all__ = ['DATASETS', 'STATS', 'AUTOAUGMENT_POLICIES', 'ERASE_SCALE', 'ERASE_RATIO', 'DatasetInfo', 'ImageDataset',
+           'resize_square', 'TensorImages', 'digits_arrays', 'stratified_split', 'get_dataset', 'channel_stats',
+           'AugmentConfig', 'default_augment', 'train_transform', 'eval_transform', 'mix_batch']
 
 # %% ../nbs/06_data.ipynb #02050cc2
 @dataclass(frozen=True)
@@ -81,6 +75,7 @@ def resize_square(
 ) -> torch.Tensor:    # uint8 [..., C, size, size]
     "Resize so the shorter side is `size` (bilinear, antialiased), then centre-crop to size×size."
     if tuple(x.shape[-2:]) == (size, size): return x
+    import torchvision.transforms.v2.functional as TF   # torchvision only when resizing
     return TF.center_crop(TF.resize(x, size, antialias=True), [size, size])
 
 
@@ -166,206 +161,6 @@ def _digits(split: str, image_size: int | None) -> TensorImages:
     classes = [str(k) for k in range(10)]
     return TensorImages("digits", split, classes, images, torch.from_numpy(labels)[idx])
 
-# %% ../nbs/06_data.ipynb #a41c4922
-class ImageFileError(ValueError):
-    "An image file that cannot be used (unreadable, or of the wrong size); one line that names it."
-    def __init__(self, msg: str):
-        # raised in a DataLoader worker, it arrives as "Caught ImageFileError ... Traceback ...
-        # <module>.ImageFileError: <msg>": keep only <msg>
-        super().__init__(msg.strip().splitlines()[-1].split("ImageFileError: ", 1)[-1])
-
-
-def _bad_file(path, e: Exception) -> ImageFileError:
-    reason = str(e).split("\n")[0] or type(e).__name__
-    return ImageFileError(f"cannot decode the image file {path} ({reason}): replace or remove it")
-
-
-_16BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}   # how Pillow opens 16-bit grayscale files
-
-def read_image(
-    path,           # an image file Pillow can read
-    in_chans: int,  # 1: convert to grayscale; 3: convert to RGB
-) -> torch.Tensor:  # uint8 [in_chans, H, W]
-    "Decode an image file into a uint8 tensor, converted to grayscale or RGB (16-bit gray scaled)."
-    try:
-        with Image.open(path) as im:
-            if im.mode in _16BIT_MODES:    # v -> round(v / 257): 0..65535 onto 0..255, not clipped
-                a = ((np.asarray(im).astype(np.int64).clip(0, 65535) + 128) // 257).astype(np.uint8)
-                a = a if in_chans == 1 else np.repeat(a[..., None], 3, axis=2)
-            else:
-                a = np.array(im.convert("L" if in_chans == 1 else "RGB"))
-    except (OSError, SyntaxError, ValueError) as e:   # not an image, truncated, corrupt
-        raise _bad_file(path, e) from None
-    x = torch.from_numpy(a)
-    return x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
-
-
-class FileImages(ImageDataset):
-    "An `ImageDataset` of image files, decoded (and resized, if asked) on access."
-    def __init__(self,
-                 name: str, split: str, classes: Sequence[str],
-                 files: Sequence[str],     # one path per image
-                 labels,                   # one int label per image
-                 in_chans: int,            # every image is converted to this many channels
-                 image_size: int | None,   # side of every image (checked), or the side to resize to
-                 resize: bool = False,     # resize and centre-crop every image to `image_size`
-                 transform=None,
-                ):
-        super().__init__(name, split, classes, labels, in_chans, image_size, transform)
-        self.files, self.resize = [str(f) for f in files], resize
-
-    def load(self, i):
-        x = read_image(self.files[i], self.in_chans)
-        if self.resize: return resize_square(x, self.image_size)
-        S = self.image_size
-        if S is not None and tuple(x.shape[-2:]) != (S, S):
-            raise ImageFileError(f"{self.files[i]} is {x.shape[-1]}×{x.shape[-2]} but this"
-                                 f" dataset's images are {S}×{S}: pass image_size= to get_dataset"
-                                 " to resize them all")
-        return x
-
-    @property
-    def cache_key(self) -> str:
-        "Fingerprint of the files (paths, sizes, modification times), labels and decoding settings."
-        h = hashlib.sha1(f"{self.in_chans}|{self.image_size}|{self.resize}".encode())
-        for f, y in zip(self.files, self.labels.tolist()):
-            st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}|{y}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()[:16]
-
-# %% ../nbs/06_data.ipynb #1ece570b
-_GRAY_MODES = {"1", "L", "LA", "F"} | _16BIT_MODES
-
-def _probe(files: Sequence[str], k: int = 32) -> tuple[int, int | None]:
-    "Channels (1 if all gray, else 3) and common square side (or None) of ≤ k evenly spaced files."
-    modes, sizes = set(), set()
-    for f in files[::max(1, len(files) // k)][:k]:
-        try:
-            with Image.open(f) as im:
-                modes.add(im.mode)
-                sizes.add(im.size)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise _bad_file(f, e) from None
-    (w, h) = next(iter(sizes)) if len(sizes) == 1 else (None, None)
-    return (1 if modes <= _GRAY_MODES else 3), (w if w == h else None)
-
-
-def _image_folder(name: str, path: str, split: str, image_size: int | None) -> FileImages:
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no folder {root} (from {name!r}): expected"
-                                f" {root}/<class>/*.png|jpg or {root}/<split>/<class>/*.png|jpg")
-    has_splits = (root / "train").is_dir()
-    classes, class_to_idx = find_classes(root / "train" if has_splits else root)
-    if len(classes) < 2:
-        raise ValueError(f"{root / 'train' if has_splits else root} has one class folder, "
-                         f"{classes[0]!r}: a classifier needs two or more, one folder per class")
-    if has_splits:                              # split folders: <root>/<split>/<class>/...
-        splits = sorted(d.name for d in root.iterdir() if d.is_dir())
-        if split not in splits:
-            raise ValueError(f"{root} has the split folders {splits}, not {split!r}")
-        extra = sorted(set(find_classes(root / split)[0]) - set(classes))
-        if extra:
-            raise ValueError(f"{root / split} has class folders that {root / 'train'} lacks: "
-                             f"{extra[:5]}")
-        train = make_dataset(root / "train", class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-        samples = train if split == "train" else make_dataset(root / split, class_to_idx,
-                                                              IMG_EXTENSIONS, allow_empty=True)
-    else:                                       # class folders only: a fixed stratified 80/20 split
-        if split not in ("train", "test"):
-            raise ValueError(f"{root} has no split folders, so its splits are 'train' and 'test'"
-                             f" (80/20), not {split!r}")
-        every = make_dataset(root, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-        if len(every) == 0: raise FileNotFoundError(f"no image files in {root}/<class>/")
-        try:
-            tr, te = stratified_split([classes[y] for _, y in every], 0.2, seed=0)
-        except ValueError as e:
-            raise ValueError(f"cannot split {root} 80/20 by class ({e}); put the images in "
-                             f"{root}/train/<class>/ and {root}/test/<class>/ instead") from None
-        train = [every[i] for i in tr]
-        samples = train if split == "train" else [every[i] for i in te]
-    if len(samples) == 0: raise FileNotFoundError(f"no image files in {root}/{split}/<class>/")
-    if len(train) == 0: raise FileNotFoundError(f"no image files in {root}/train/<class>/")
-    in_chans, size = _probe([f for f, _ in train])
-    files, labels = zip(*samples)
-    return FileImages(name, split, classes, files, labels, in_chans, image_size or size,
-                      resize=image_size is not None)
-
-# %% ../nbs/06_data.ipynb #701f6031
-TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-
-def _tiny_imagenet(root: str, split: str, download: bool, image_size: int | None) -> FileImages:
-    base = Path(root) / "tiny-imagenet-200"
-    needed = ("wnids.txt", "train", "val/images", "val/val_annotations.txt")
-    missing = [n for n in needed if not (base / n).exists()]
-    if missing and download:
-        from torchvision.datasets.utils import download_and_extract_archive
-        try: download_and_extract_archive(TINY_IMAGENET_URL, download_root=str(root))
-        except Exception as e:
-            raise FileNotFoundError(f"could not download {TINY_IMAGENET_URL} ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0] if str(e) else ''}); "
-                                    f"download and unzip it into {root} by hand") from None
-        missing = [n for n in needed if not (base / n).exists()]
-    if missing:
-        raise FileNotFoundError(f"Tiny-ImageNet is not in {base} (missing {', '.join(missing)}): "
-                                f"unzip {TINY_IMAGENET_URL} into {root}, or pass download=True")
-    wnids = sorted((base / "wnids.txt").read_text().split())
-    idx = {w: k for k, w in enumerate(wnids)}
-    if split == "train":
-        samples = [(f, idx[w]) for w in wnids
-                   for f in sorted((base / "train" / w / "images").glob("*.JPEG"))]
-    else:
-        rows = [r.split("\t")
-                for r in (base / "val" / "val_annotations.txt").read_text().splitlines()
-                if r.strip()]
-        unknown = sorted({r[1] for r in rows} - set(idx))
-        if unknown:
-            raise ValueError(f"{base}/val/val_annotations.txt names classes not in wnids.txt: "
-                             f"{unknown[:5]}")
-        samples = [(base / "val" / "images" / r[0], idx[r[1]]) for r in rows]
-    if not samples: raise FileNotFoundError(f"no images for split {split!r} in {base}")
-    files, labels = zip(*samples)
-    return FileImages("tiny_imagenet", "train" if split == "train" else "test", wnids, files,
-                      labels, 3, image_size or 64, resize=image_size is not None)
-
-# %% ../nbs/06_data.ipynb #cb8eabbd
-_TORCHVISION_FILES = {
-    "cifar10": ("cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
-    "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
-    "svhn": (".", ["train_32x32.mat", "test_32x32.mat"]),
-}
-
-def _torchvision(name: str, root: str, split: str, download: bool,
-                 image_size: int | None) -> TensorImages:
-    from torchvision import datasets
-    folder, files = _TORCHVISION_FILES[name]
-    if name == "svhn": files = [f"{split}_32x32.mat"]
-    where = Path(root) / folder
-    missing = [f for f in files if not (where / f).exists()]
-    if missing and not download:
-        raise FileNotFoundError(f"{name} is not in {where}: missing {', '.join(missing)};"
-                                " pass download=True to fetch it (needs internet),"
-                                " or copy the files there")
-    try:
-        if name == "svhn": ds = datasets.SVHN(root, split=split, download=download)
-        else:
-            ds = (datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)(
-                root, train=split == "train", download=download)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise FileNotFoundError(f"could not {'download' if download else 'read'} {name} into"
-                                f" {where} ({type(e).__name__}: {msg}); without internet, copy"
-                                f" {', '.join(files)} there") from None
-    if name == "svhn":
-        images, labels, classes = (torch.from_numpy(ds.data), torch.from_numpy(ds.labels),
-                                   [str(k) for k in range(10)])
-    else:
-        images, labels, classes = (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
-                                   ds.targets, ds.classes)
-    if image_size is not None: images = resize_square(images, image_size)
-    return TensorImages(name, split, classes, images, labels)
-
 # %% ../nbs/06_data.ipynb #5d46da54
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "tiny_imagenet", "imagefolder:<path>")
 
@@ -384,15 +179,27 @@ def get_dataset(
         if not path.strip():
             raise ValueError(f"{name!r} names no folder: write imagefolder:<path> "
                              "(is a shell variable in it unset?)")
-        return _image_folder(name, path, split, image_size)
+        return _runs()._image_folder(name, path, split, image_size)
     if name not in DATASETS[:-1]:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     splits = ("train", "test", "val") if name == "tiny_imagenet" else ("train", "test")
     if split not in splits:
         raise ValueError(f"{name} has the splits {', '.join(splits)}, not {split!r}")
     if name == "digits": return _digits(split, image_size)
-    if name == "tiny_imagenet": return _tiny_imagenet(str(root), split, download, image_size)
-    return _torchvision(name, str(root), split, download, image_size)
+    if name == "tiny_imagenet":
+        return _runs()._tiny_imagenet(str(root), split, download, image_size)
+    return _runs()._torchvision(name, str(root), split, download, image_size)
+
+
+def _runs():  # the appendix's module (file readers, loaders), imported where a dataset needs it
+    return importlib.import_module("vitsd_nbdev.runs")
+
+def __getattr__(name: str):  # the names that moved to the appendix stay importable from here
+    if name in _IN_RUNS: return getattr(_runs(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+_IN_RUNS = ("FileImages", "ImageFileError", "TINY_IMAGENET_URL", "read_image", "get_loaders",
+            "MixCollate", "_image_folder", "_tiny_imagenet", "_torchvision")
 
 # %% ../nbs/06_data.ipynb #d566a4a1
 def channel_stats(
@@ -429,9 +236,23 @@ STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),  # official code
 }
 
+# %% ../nbs/06_data.ipynb #d163d6ac
+def _with_stats(info: DatasetInfo, images, num_workers: int = 0) -> DatasetInfo:
+    "`info` with mean/std from `channel_stats(images)` when `STATS` does not know the dataset."
+    if info.image_size is None:
+        raise ValueError(f"the images of {info.name} differ in size; "
+                         "pass image_size= to make them one square size")
+    return (info if info.mean is not None
+            else replace(info, **dict(zip(("mean", "std"), channel_stats(images, num_workers)))))
+
+
+def _augment_config(augment, name: str, image_size: int) -> AugmentConfig:
+    if augment is True: return default_augment(name, image_size)
+    return augment or AugmentConfig.off()
+
 # %% ../nbs/06_data.ipynb #1f083e38
-AUTOAUGMENT_POLICIES = {"cifar10": v2.AutoAugmentPolicy.CIFAR10, "svhn": v2.AutoAugmentPolicy.SVHN,
-                        "imagenet": v2.AutoAugmentPolicy.IMAGENET}
+# AutoAugment policies: our name -> the member of torchvision's `v2.AutoAugmentPolicy`
+AUTOAUGMENT_POLICIES = {"cifar10": "CIFAR10", "svhn": "SVHN", "imagenet": "IMAGENET"}
 # random erasing: area fraction and aspect-ratio ranges (official code)
 ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)
 
@@ -495,10 +316,12 @@ def train_transform(
     cfg: AugmentConfig = AugmentConfig(),  # which augmentations to apply
 ) -> v2.Compose:                  # uint8 [C, H, W] -> float32 [C, H, W], augmented and normalised
     "Per-sample training pipeline: crop, flip, AutoAugment on bytes; normalise; random erasing."
+    from torchvision.transforms import v2     # torchvision when a pipeline is built, not at import
     ops = []
     if cfg.crop_padding: ops.append(v2.RandomCrop(image_size, padding=cfg.crop_padding))
     if cfg.flip: ops.append(v2.RandomHorizontalFlip())
-    if cfg.autoaugment: ops.append(v2.AutoAugment(AUTOAUGMENT_POLICIES[cfg.autoaugment]))
+    if cfg.autoaugment:
+        ops.append(v2.AutoAugment(v2.AutoAugmentPolicy[AUTOAUGMENT_POLICIES[cfg.autoaugment]]))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if cfg.random_erasing:
         ops.append(v2.RandomErasing(cfg.random_erasing, scale=ERASE_SCALE, ratio=ERASE_RATIO,
@@ -511,6 +334,7 @@ def eval_transform(
     std: Sequence[float],         # channel standard deviations in [0, 1] units
 ) -> v2.Compose:                  # uint8 [C, H, W] -> float32 [C, H, W], normalised
     "Per-sample evaluation pipeline: convert to float and normalise."
+    from torchvision.transforms import v2
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 # %% ../nbs/06_data.ipynb #d9593269
@@ -521,55 +345,9 @@ def mix_batch(
     cfg: AugmentConfig = AugmentConfig(),  # uses mix_prob, mixup_alpha, cutmix_alpha
 ) -> tuple[torch.Tensor, torch.Tensor]:  # images [B, C, H, W], targets [B, K] (one-hot if unmixed)
     "With probability mix_prob, apply Mixup or CutMix (50/50); targets become class distributions."
+    from torchvision.transforms import v2
     ops = [op(alpha=a, num_classes=num_classes)
            for op, a in ((v2.MixUp, cfg.mixup_alpha), (v2.CutMix, cfg.cutmix_alpha)) if a > 0]
     if not ops or float(torch.rand(())) >= cfg.mix_prob:
         return images, F.one_hot(labels, num_classes).to(images.dtype)
     return ops[int(torch.randint(len(ops), ()))](images, labels)
-
-# %% ../nbs/06_data.ipynb #d163d6ac
-class MixCollate:
-    "A `collate_fn` that stacks samples into a batch and then applies `mix_batch`."
-    def __init__(self, num_classes: int, cfg: AugmentConfig):
-        self.num_classes, self.cfg = num_classes, cfg
-    def __call__(self, batch):
-        x, y = default_collate(batch)
-        return mix_batch(x, y, self.num_classes, self.cfg)
-
-
-def _with_stats(info: DatasetInfo, images, num_workers: int = 0) -> DatasetInfo:
-    "`info` with mean/std from `channel_stats(images)` when `STATS` does not know the dataset."
-    if info.image_size is None:
-        raise ValueError(f"the images of {info.name} differ in size; "
-                         "pass image_size= to make them one square size")
-    return (info if info.mean is not None
-            else replace(info, **dict(zip(("mean", "std"), channel_stats(images, num_workers)))))
-
-
-def _augment_config(augment, name: str, image_size: int) -> AugmentConfig:
-    if augment is True: return default_augment(name, image_size)
-    return augment or AugmentConfig.off()
-
-
-def get_loaders(
-    name: str,                            # dataset name, as for `get_dataset`
-    root: str | Path = "data",            # folder of the downloadable datasets
-    batch_size: int = 128,                # images per batch (train and test)
-    augment: bool | AugmentConfig = True, # True: `default_augment`; False/None: off; or a config
-    image_size: int | None = None,        # resize and centre-crop to this square size
-    num_workers: int = 2,                 # worker processes per loader (0: load in this process)
-    seed: int = 0,                        # seeds the shuffling order
-    download: bool = False,               # fetch the dataset if missing (needs internet)
-) -> tuple[DataLoader, DataLoader, DatasetInfo]:  # train loader, test loader, info with mean/std
-    "Train and test `DataLoader`s: per-sample pipeline in workers, Mixup/CutMix on batches."
-    train_ds = get_dataset(name, root, "train", download, image_size)
-    test_ds = get_dataset(name, root, "test", download, image_size)
-    info = _with_stats(train_ds.info, train_ds, num_workers)
-    cfg = _augment_config(augment, name, info.image_size)
-    train_ds.transform = train_transform(info.image_size, info.mean, info.std, cfg)
-    test_ds.transform = eval_transform(info.mean, info.std)
-    kw = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
-    train = DataLoader(train_ds, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                       drop_last=len(train_ds) > batch_size,           # never drop the only batch
-                       collate_fn=MixCollate(info.num_classes, cfg) if cfg.mixes else None, **kw)
-    return train, DataLoader(test_ds, shuffle=False, **kw), info
