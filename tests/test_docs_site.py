@@ -238,3 +238,20 @@ def test_folded_solutions_render_folded(pages):
     sec = pages["patches.html"].find(id="exercises")
     assert sec and sec.select("div.cell.tag_hide-input details"), (
         "patches.html: no folded solution in the Exercises section")
+
+
+def test_api_entry_for_a_lazily_imported_annotation(tmp_path, monkeypatch):
+    """A function annotated with a name its module imports only inside functions (to stay light
+    at import) still gets its API entry, and the module is left as it was."""
+    (tmp_path / "owner_mod_x.py").write_text("class Thing: pass\n")
+    (tmp_path / "lazy_mod_x.py").write_text(
+        "from __future__ import annotations\n\n"
+        "def make(n: int) -> Thing:  # a new Thing\n"
+        "    'Make a Thing.'\n"
+        "    from owner_mod_x import Thing\n"
+        "    return Thing()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lazy = importlib.import_module("lazy_mod_x")
+    md = build_docs_module().show_doc_lazy(lazy.make, {"owner_mod_x": {}, "lazy_mod_x": {}})
+    assert "-> Thing" in md.replace(")->", ") -> ") and "Make a Thing." in md
+    assert "Thing" not in vars(lazy)

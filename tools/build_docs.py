@@ -201,10 +201,32 @@ class Site:
                                            encoding="utf-8")
 
 
+def show_doc_lazy(obj, syms):
+    """show_doc's markdown for obj. show_doc evaluates the annotations of the signature in the
+    module's globals; a module that imports a name inside its functions, to stay light at import
+    (`-> TrainConfig`, `-> v2.Compose`), lacks it there. Such a name is borrowed, for this call only,
+    from the library module that has it as a global."""
+    from nbdev.showdoc import show_doc
+    f = inspect.unwrap(obj.fget if isinstance(obj, property) else obj)
+    glb = getattr(f, "__globals__", None) or vars(sys.modules[obj.__module__])
+    added = []
+    try:
+        while True:
+            try: return show_doc(obj)._repr_markdown_()
+            except NameError as e:
+                if e.name in glb or e.name in added: raise
+                owners = [importlib.import_module(m) for m in syms]
+                owner = next((m for m in owners if e.name in vars(m)), None)
+                if owner is None: raise
+                glb[e.name] = vars(owner)[e.name]
+                added.append(e.name)
+    finally:
+        for nm in added: glb.pop(nm, None)
+
+
 def api_page(syms, site):
     "The API reference's markdown: show_doc (signature, parameter docs, docstring) of every export."
     from nbdev.doclinks import NbdevLookup
-    from nbdev.showdoc import show_doc
     ids, lookup = site.ids.setdefault("api", set()), NbdevLookup()
     md = ["# API reference\n", "Every symbol exported by the library, grouped by module.\n"]
     for mod, entries in syms.items():
@@ -220,7 +242,7 @@ def api_page(syms, site):
             init = f"{nm}.__init__"
             doc = (f'<div id="{init}"></div>\n\n'
                    if init in entries and obj.__init__.__doc__ is None else "")
-            doc += show_doc(obj)._repr_markdown_()
+            doc += show_doc_lazy(obj, syms)
             # keep the signature, not a docstring inherited from e.g. nn.Module.forward
             if obj.__doc__ is None:
                 doc = doc[:doc.index("\n```", doc.index("```python")) + 4]
