@@ -245,9 +245,9 @@ class ViT(TimmModelAPI, nn.Module):
                                  ) -> list[int]:                 # the kept indices
         "Drop the blocks after the last one in `indices`: a feature extractor (timm's API)."
         take, last = take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:last + 1]
+        del self.blocks[last + 1:], self.feature_info[last + 1:]
         self.config = replace(self.config, depth=last + 1)
-        if prune_norm: self.norm = nn.Identity()
+        if prune_norm: self.norm = nn.Identity().train(self.training)
         if prune_head: self.reset_classifier(0, "")
         return take
 
