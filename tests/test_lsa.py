@@ -304,3 +304,39 @@ def test_bf16_cpu_training_path_matches_the_fused_kernel():
     out.float().sum().backward()
     assert tau.grad is not None and tau.grad.isfinite().all() and (tau.grad != 0).any()
     assert q.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5, "per_head"])
+@pytest.mark.parametrize("diag_mask,with_bias", [(True, False), (False, False), (True, True), (False, True)])
+def test_bf16_cpu_training_path_values_and_gradients(tau, diag_mask, with_bias):
+    "The explicit bfloat16 path (τ in q, mask inside the product) against float64, values and gradients."
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 17, 16).unbind(0)
+    t = torch.tensor([0.5, 1.0, 2.0, 4.0]) if tau == "per_head" else tau
+    bias = torch.randn(1, 4, 17, 17) if with_bias else None
+    qb, kb, vb = (x.to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    out = locality_attention(qb, kb, vb, t, diag_mask, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 4, 17, 16)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (qb, kb, vb))
+    t64 = t.double() if isinstance(t, torch.Tensor) else t
+    logits = (q64 @ k64.transpose(-2, -1)) / torch.as_tensor(t64, dtype=torch.float64).reshape(-1, 1, 1)
+    if bias is not None:
+        logits = logits + bias.double()
+    if diag_mask:
+        logits = logits.masked_fill(torch.eye(17, dtype=torch.bool), float("-inf"))
+    ref = logits.softmax(-1) @ v64
+    torch.testing.assert_close(out.double(), ref, atol=5e-2, rtol=0)
+    g = torch.randn_like(ref)
+    out.backward(g.to(torch.bfloat16)); ref.backward(g)
+    for a, b in [(qb, q64), (kb, k64), (vb, v64)]:
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=0.15, rtol=0.05)
+    if diag_mask:  # row i does not see v_i: its gradient from row i's output is exactly zero
+        vb.grad = None
+        locality_attention(qb, kb, vb, t, True, bias)[:, :, 3].float().sum().backward()
+        assert (vb.grad[:, :, 3] == 0).all()
+
+
+def test_bf16_cpu_training_path_refuses_a_single_token_with_the_mask():
+    q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in torch.randn(3, 2, 4, 1, 16).unbind(0))
+    one_line_value_error(lambda: locality_attention(q, k, v, 4.0), "at least 2 tokens")
+    assert locality_attention(q, k, v, 4.0, diag_mask=False).shape == (2, 4, 1, 16)

@@ -112,6 +112,34 @@ def attention_entropy(
     return -torch.special.xlogy(weights, weights).sum(dim=-1)       # xlogy: 0 log 0 = 0
 
 # %% ../nbs/04_lsa.ipynb #b1ab3713
+@functools.lru_cache(maxsize=64)
+def _cached_diag_bias(n: int, device, dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # usable in a training step even if first built in evaluation
+        return torch.zeros(n, n, device=device, dtype=dtype).fill_diagonal_(float("-inf"))
+
+def _diag_bias(n: int, device, dtype) -> torch.Tensor:
+    "Additive [n, n] mask: 0 where a query may attend, -inf on the diagonal."
+    _diag_mask(n, device)  # the same refusal of N < 2
+    if torch.compiler.is_compiling():
+        return torch.zeros(n, n, device=device, dtype=dtype).fill_diagonal_(float("-inf"))
+    return _cached_diag_bias(n, device, dtype)
+
+def _explicit_attention(q, k, v, tau, diag_mask: bool, bias):
+    "softmax(q kᵀ / τ + bias, diagonal -inf) v as batched products: for bfloat16 training on a CPU."
+    B, h, N, _ = q.shape
+    if isinstance(tau, torch.Tensor):  # τ divides q [B, h, N, d], not the logits [B, h, N, N]
+        q = (q / tau).to(q.dtype)
+    elif tau != 1.0:                   # 1.0: τ already folded into the queries' weights
+        q = q * (1 / tau)
+    add = _diag_bias(N, q.device, q.dtype) if diag_mask else None
+    if bias is not None:
+        add = bias.to(q.dtype) if add is None else bias.to(q.dtype) + add
+        add = add.expand(B, h, N, N).reshape(B * h, N, N)
+    q3, k3, v3 = (t.reshape(B * h, N, t.shape[-1]) for t in (q, k, v))
+    # the mask is added inside the product (beta = 1): no pass of its own, no backward
+    logits = q3 @ k3.mT if add is None else torch.baddbmm(add, q3, k3.mT)
+    return (logits.softmax(dim=-1) @ v3).view(B, h, N, v.shape[-1])
+
 def locality_attention(
     q: torch.Tensor,         # queries [B, heads, N, head_dim]
     k: torch.Tensor,         # keys [B, heads, N, head_dim]
@@ -122,10 +150,10 @@ def locality_attention(
 ) -> torch.Tensor:           # [B, heads, N, head_dim_v]
     "Locality self-attention softmax(R^M / τ + bias) v with SDPA: q divided by τ, diagonal masked."
     _check_qkv(q, k, v)
+    tau = _check_temperature(temperature, q.shape[1])
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
         # PyTorch's fused CPU kernel is slow in bfloat16 training: explicit products (appendix 13)
-        return attention_weights(q, k, temperature, diag_mask, bias) @ v
-    tau = _check_temperature(temperature, q.shape[1])
+        return _explicit_attention(q, k, v, tau, diag_mask, bias)
     mask = _logit_mask(q.shape[-2], diag_mask, bias, q.device, q.dtype)
     if isinstance(tau, float):  # a number: the kernel's scale
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / tau)
