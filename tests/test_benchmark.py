@@ -78,3 +78,49 @@ def test_benchmark_rejects_a_missing_gpu_in_one_line():
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("--device cuda given but no CUDA GPU")
+
+def _needs_cpu_bf16():
+    pytest.importorskip("vit_pytorch")
+    from vitsd_nbdev.training import amp_dtype
+    try: amp_dtype(torch.device("cpu"), "bf16")
+    except ValueError: pytest.skip("this CPU has no bfloat16 in hardware")
+
+def test_bench_amp_smoke_records_both_ratios(tmp_path):
+    "bench_amp.py: img/s per model and precision, ours/peer from the medians and within each round."
+    _needs_cpu_bf16()
+    out = tmp_path / "amp.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_amp.py"), "--smoke",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for n, m in res["models"].items():
+        for p in ("fp32", "bf16"):
+            for mode in ("train", "infer"):
+                assert len(m[p][mode]["seconds"]) == m[p][mode]["rounds"] == 2, (n, p, mode)
+    w = res["ratios_within_round"]["ours_sl_vit/peer_sl_vit bf16"]["train"]
+    assert 0 < w["min"] <= w["median"] <= w["max"]
+    assert "within each round" in r.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_amp.py"), "--smoke",
+                          "--precisions", "fp16"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--precisions must be" in bad.stderr.strip().splitlines()[-1]
+
+def test_profile_bf16_smoke_lists_the_ops_of_both_models(tmp_path):
+    _needs_cpu_bf16()
+    out = tmp_path / "profile.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_bf16.py"), "--smoke",
+                        "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for mode in ("train", "infer"):
+        for n in ("ours_sl_vit", "peer_sl_vit"):
+            ops = {o["op"] for o in res[mode][n]["ops"]}
+            assert res[mode][n]["total_ms"] > 0 and any("mm" in o for o in ops), (mode, n, ops)
+    # our bf16 training step: explicit products, the mask added inside the first (no masked_fill);
+    # the peer masks with masked_fill; inference: our fused kernel, the peer's explicit softmax
+    ops = {(mode, n): {o["op"] for o in res[mode][n]["ops"]} for mode in ("train", "infer")
+           for n in ("ours_sl_vit", "peer_sl_vit")}
+    assert "aten::baddbmm" in ops["train", "ours_sl_vit"]
+    assert not any("masked_fill" in o for o in ops["train", "ours_sl_vit"])
+    assert any("masked_fill" in o for o in ops["train", "peer_sl_vit"])
+    assert any("scaled_dot_product" in o for o in ops["infer", "ours_sl_vit"])
+    assert "aten::_softmax" in ops["infer", "peer_sl_vit"]
