@@ -87,3 +87,28 @@ def test_onnx_export_matches_pytorch(tmp_path, name):
     with torch.no_grad(): want = p.model(preprocess(p, images))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)     # float32 rounding only
     assert [r[0][0] for r in predict(p, images)] == [p.classes[k] for k in got.argmax(1).tolist()]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    "A run folder of one epoch of a tiny SL-ViT on the digits at 16x16, and a digit as a PNG file."
+    root = tmp_path_factory.mktemp("digits_run")
+    train(TrainConfig(dataset="digits", image_size=16, preset="tiny", batch_size=64, epochs=1,
+                      out_dir=str(root / "run")), progress=False, log=False)
+    digit = np.full((8, 8), 128, np.uint8)
+    Image.fromarray(digit).save(root / "one.png")
+    return root / "run", root / "one.png"
+
+
+def test_closed_pipe_ends_quietly(digits_run):
+    "`vitsd-predict RUN IMAGE... | head -1`: the reader closes the pipe after one line."
+    run, image = digits_run
+    proc = subprocess.Popen([*_command("vitsd-predict"), run, *[image] * 2000, "--topk", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    first = proc.stdout.readline()
+    proc.stdout.close()                              # as `head -1` does once it has its line
+    err = proc.stderr.read()
+    status = proc.wait(timeout=300)
+    assert first.startswith(f"{image}: ".encode()), first
+    assert len(first) * 2000 > 2 * 65536             # more than a pipe holds: the writer must block
+    assert err == b"" and status in (0, 141), (status, err.decode()[-500:])

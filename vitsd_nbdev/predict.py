@@ -4,28 +4,24 @@
 
 # %% ../nbs/12_predict.ipynb #b342ff83
 from __future__ import annotations
-import argparse
 import copy
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__
+from .cli import predict_main, predict_parser   # vitsd-predict's command (chapter 10)
 from .data import read_image, resize_square
-from .training import write_atomic
 from .vit import create_model
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'Predictor', 'load_run', 'to_uint8', 'preprocess', 'predict', 'predict_parser', 'predict_main',
-           'WithPreprocessing', 'export_program', 'export_onnx']
+__all__ = ['WEIGHTS', 'Predictor', 'load_run', 'to_uint8', 'preprocess', 'predict', 'WithPreprocessing', 'export_program',
+           'export_onnx']
 
 # %% ../nbs/12_predict.ipynb #17a7a85f
 WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors"}   # which weights -> file
@@ -85,7 +81,9 @@ def to_uint8(
                          f"{tuple(image.shape)}; for floats in [0, 1]: (x * 255).round().byte()")
     x = image[None] if image.ndim == 2 else image
     if x.shape[0] == in_chans: return x
-    if x.shape[0] == 3 and in_chans == 1: return TF.rgb_to_grayscale(x)
+    if x.shape[0] == 3 and in_chans == 1:
+        import torchvision.transforms.v2.functional as TF   # torchvision: only for this case
+        return TF.rgb_to_grayscale(x)
     if x.shape[0] == 1 and in_chans == 3: return x.expand(3, -1, -1).contiguous()
     raise ValueError(f"expected 1 or 3 channels, got a tensor of shape {tuple(image.shape)}")
 
@@ -126,43 +124,6 @@ def predict(
                 for ks, vs in zip(indices, values)]
     return out
 
-# %% ../nbs/12_predict.ipynb #79424867
-def predict_parser() -> argparse.ArgumentParser:
-    "The argument parser of `vitsd-predict`."
-    from vitsd_nbdev.cli import _Parser           # one-line errors, like vitsd-train's
-    ap = _Parser(prog="vitsd-predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                 description="Predict the classes of images with a model trained by vitsd-train.")
-    ap.add_argument("run", metavar="RUN", help="the run folder (vitsd-train's --out-dir)")
-    ap.add_argument("images", metavar="IMAGE", nargs="+", help="image files, any size")
-    ap.add_argument("--topk", type=int, default=1, metavar="K", help="classes shown per image")
-    ap.add_argument("--weights", choices=list(WEIGHTS), default="final",
-                    help="final: the last epoch's weights; best: the best epoch's")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
-    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return ap
-
-
-def predict_main(argv: list[str] | None = None):
-    "Entry point of `vitsd-predict`: per image a line with its classes and probabilities."
-    ap = predict_parser()
-    a = ap.parse_args(argv)
-    if a.topk < 1: ap.error(f"--topk must be at least 1, got {a.topk}")
-    try:
-        p = load_run(a.run, a.weights, a.device)
-        missing = [f for f in a.images if not Path(f).is_file()]
-        if missing: raise FileNotFoundError(f"no image file {missing[0]}")
-        results = predict(p, a.images, a.topk)
-    except (ValueError, OSError, RuntimeError) as e:
-        ap.error(" ".join(str(e).split()))
-    if a.json:
-        rows = [{"image": f, "predictions": [{"class": c, "probability": q} for c, q in r]}
-                for f, r in zip(a.images, results)]
-        print(json.dumps(rows, indent=1))
-    else:
-        for f, r in zip(a.images, results):
-            print(f"{f}: " + ", ".join(f"{c} {q:.1%}" for c, q in r))
-
 # %% ../nbs/12_predict.ipynb #d28052f3
 class WithPreprocessing(nn.Module):
     "A model with its normalisation built in: uint8 images [B, C, S, S] in, logits out."
@@ -192,6 +153,7 @@ def export_onnx(
     path: str | Path,  # where the .onnx file goes
 ) -> Path:
     "Write the model and its normalisation as ONNX: `images` (uint8 [B, C, S, S]) in, `logits` out."
+    from vitsd_nbdev.training import write_atomic    # the training code: only here
     batch = torch.export.Dim("batch", min=1, max=4096)
     module = WithPreprocessing(p).eval()
     write_atomic(path, lambda tmp: torch.onnx.export(
