@@ -16,13 +16,13 @@ def images(C, H=32, W=32, n=16):
     return torch.cat([noise, smooth])
 
 
-@pytest.mark.parametrize("C,H,W", [(3, 32, 32), (1, 32, 32), (3, 16, 24)])
+@pytest.mark.parametrize("C,H,W", [(3, 32, 32), (1, 32, 32), (3, 16, 24), (3, 24, 40)])
 @pytest.mark.parametrize("op", OPS)
 def test_each_operation_gives_torchvisions_bytes(op, C, H, W):
     x = images(C, H, W)
     tv = v2.AutoAugment()
     bins, signed = magnitudes(op, H, W)
-    values = [0.0] if bins is None else [float(bins[k]) * s for k in (1, 5, 9)
+    values = [0.0] if bins is None else [float(bins[k]) * s for k in (1, 2, 5, 6, 9)
                                          for s in (1, -1)[:1 + signed]]
     for v in values:
         ref = torch.stack([tv._apply_image_or_video_transform(img, op, v, "nearest", tv._fill)
