@@ -239,3 +239,49 @@ def test_bf16_config_for_a_gpu_is_accepted_on_a_cpu_without_bf16(monkeypatch):
     assert TrainConfig(amp="bf16", device="cuda").amp == "bf16"
     with pytest.raises(ValueError, match="bf16"):
         tr.amp_dtype(torch.device("cpu"), "bf16")
+
+
+TRAIN_2_EPOCHS = ["--dataset", "digits", "--image-size", "16", "--preset", "tiny", "--epochs", "2",
+                  "--batch-size", "64"]
+
+
+def test_a_training_log_written_to_a_file_has_no_carriage_returns(tmp_path):
+    "`vitsd-train ... > log 2>&1`: no progress-bar frames, one plain line per epoch (issue: CI and nohup logs)."
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        r = subprocess.run([str(BIN / "vitsd-train"), *TRAIN_2_EPOCHS, "--out-dir", str(tmp_path / "run")],
+                           stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert r.returncode == 0, text
+    assert "\r" not in text, "a progress-bar frame reached a file: " + repr(text[:300])
+    assert [line.split("/")[0] for line in text.splitlines() if line.startswith("epoch ")] == ["epoch   1",
+                                                                                              "epoch   2"]
+
+
+def test_progress_bars_are_drawn_on_a_terminal(tmp_path):
+    "On a (pseudo-)terminal the bars are there: a carriage return that does not end a line redraws one."
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+    import threading
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))   # 80 columns (tqdm needs some)
+    proc = subprocess.Popen([str(BIN / "vitsd-train"), *TRAIN_2_EPOCHS, "--out-dir", str(tmp_path / "run")],
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    def read():                      # drain the terminal, so the child never blocks on a full buffer
+        while True:
+            try: data = os.read(master, 4096)
+            except OSError: return   # EIO: the child has closed the terminal
+            if not data: return
+            chunks.append(data)
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert proc.wait(timeout=600) == 0
+    reader.join(timeout=30)
+    os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    assert re.search(r"\r(?!\n)", out), "no progress-bar frame on a terminal: " + repr(out[-300:])

@@ -4,43 +4,32 @@
 
 # %% ../nbs/07_training.ipynb #58a66482
 from __future__ import annotations
-import csv
-import errno
-import importlib
-import io
-import json
 import math
-import numbers
-import os
-import pickle
-import random
-import socket
 import sys
 import time
-import zipfile
 from contextlib import nullcontext
-from copy import copy
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__
-from .data import get_dataset, stratified_split
-from .fastdata import DeviceLoader, get_device_loaders
-from .vit import ADD_ON_MODELS, PRESETS, VARIANTS, count_params, create_model
+from .runs import (
+    LOCK, RUN_FILES, _check_call, _check_config, _check_run, _claim_run_folder, _diverged,
+    _epoch_line, _finish, _load_state, _on_terminal, _release_run_folder, _resumed, _run_data,
+    _run_model, _save_epoch, _seed_all, _setup_distributed, _start_line, _step_seed, _summary,
+    _wrap, _write_run_config, describe_run, load_checkpoint, model_presets, save_checkpoint,
+    save_weights, write_atomic)
+from .vit import count_params
 
 # %% auto #0
-__all__ = ['RECIPES', 'RUN_FILES', 'LOCK', 'evaluate', 'lr_at', 'param_groups', 'cpu_has_bf16', 'amp_dtype', 'write_atomic',
-           'save_checkpoint', 'load_checkpoint', 'save_weights', 'model_presets', 'TrainConfig', 'describe_run',
-           'train']
+__all__ = ['RECIPES', 'evaluate', 'lr_at', 'param_groups', 'cpu_has_bf16', 'amp_dtype', 'TrainConfig', 'train', 'LOCK',
+           'RUN_FILES', 'describe_run', 'load_checkpoint', 'model_presets', 'save_checkpoint', 'save_weights',
+           'write_atomic']
 
 # %% ../nbs/07_training.ipynb #b637c26c
 @torch.inference_mode()
@@ -121,74 +110,7 @@ def amp_dtype(
                          "(--amp off)")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
-
-# %% ../nbs/07_training.ipynb #fe8df3e9
-def write_atomic(
-    path: str | Path,
-    write: Callable[[Path], None],  # writes the content to the path it is given
-):
-    "Write a file atomically: `write` fills a temporary file in the same folder, then a rename."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno != errno.ENOSPC: raise
-        raise OSError(f"no space left on device: {path}; free some space, then pass "
-                      "resume=True to continue from the last checkpoint") from None
-    finally: tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(path: str | Path, state: dict):
-    "Write `state` with torch.save, atomically (tensors, numbers, strings and containers only)."
-    buffer = io.BytesIO()
-    torch.save(state, buffer)                  # in memory, so a full disk raises OSError(ENOSPC)
-    write_atomic(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    "Read a checkpoint written by `save_checkpoint` on the CPU, without running any pickled code."
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train without --resume first")
-    damaged = ValueError(f"{path} is not a readable checkpoint (empty, truncated or damaged); "
-                         "pass overwrite=True to start the run over, or delete the run folder")
-    if not zipfile.is_zipfile(path): raise damaged              # torch.save writes a zip archive
-    try: return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds Python objects beyond tensors and numbers (from an older "
-                         "version?); not loaded, since unpickling them could run code") from None
-    except (RuntimeError, EOFError, KeyError, ValueError): raise damaged from None
-
-
-def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None):
-    "Write a model's state dict as a safetensors file, atomically."
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomic(path, lambda tmp: tmp.write_bytes(save(state, metadata)))
-
 # %% ../nbs/07_training.ipynb #870d7ec6
-def model_presets() -> dict[str, list[str]]:
-    "The preset names each model accepts (`create_model`'s `preset`)."
-    def family_presets(family: str) -> list[str]:   # e.g. PIT_PRESETS in vitsd_nbdev.pit; none: []
-        module = importlib.import_module(f"vitsd_nbdev.{family}")
-        return list(getattr(module, f"{family.upper()}_PRESETS", {}))
-    return {m: family_presets(ADD_ON_MODELS[m]) if m in ADD_ON_MODELS else list(PRESETS)
-            for m in [*VARIANTS, *ADD_ON_MODELS]}
-
-
-def _check_type(name: str, annotation: str, value):
-    "A `TrainConfig` value has its field's type: a whole number for int, a finite number for float."
-    kind = annotation.split("|")[0].strip()
-    if value is None and "None" in annotation: return
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if kind == "int" and not (number and isinstance(value, numbers.Integral)):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if kind == "float" and not (number and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
 @dataclass
 class TrainConfig:
     "Everything a training run depends on; defaults: the official CIFAR recipe (see `RECIPES`)."
@@ -218,38 +140,9 @@ class TrainConfig:
     val_split: float = 0.0    # fraction of training images held out to choose the best epoch
     out_dir: str = "runs/run" # the run folder: config, weights, checkpoint, metrics, curves
 
-    def __post_init__(self):
-        for f in fields(self): _check_type(f.name, f.type, getattr(self, f.name))
-        for k in ("epochs", "batch_size", "eval_every", "image_size", "patch_size", "depth"):
-            v = getattr(self, k)
-            if v is not None and v < 1: raise ValueError(f"{k} must be at least 1, got {v}")
-        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
-                             f"got {self.warmup_epochs}; give a smaller warmup_epochs "
-                             "or leave it unset")
-        if self.lr <= 0: raise ValueError(f"lr must be above 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError("grad_clip must be above 0 (unset: no clipping), "
-                             f"got {self.grad_clip}")
-        if self.drop_path is not None and not 0 <= self.drop_path < 1:
-            raise ValueError(f"drop_path must be at least 0 and below 1, got {self.drop_path}")
-        if not 0 <= self.val_split < 1:
-            raise ValueError(f"val_split must be at least 0 and below 1, got {self.val_split}")
+    def __post_init__(self):     # a wrong type or range: one line (appendix: running it for real)
+        _check_config(self)
         amp_dtype(torch.device("meta"), self.amp)  # the name only: hardware is checked in train
-        presets = model_presets()
-        if self.model not in presets:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(presets)}")
-        if self.preset is not None and self.preset not in presets[self.model]:
-            raise ValueError(f"{self.model} has no preset {self.preset!r}; "
-                             f"choose one of {', '.join(presets[self.model])} or none")
-        try: torch.device("cpu" if self.device == "auto" else self.device)
-        except RuntimeError:
-            msg = f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
-            raise ValueError(msg) from None
 
     @property
     def warmup(self) -> int:
@@ -272,180 +165,12 @@ RECIPES = {
                      weight_decay=0.05, amp="off"),
 }
 
-# %% ../nbs/07_training.ipynb #3f1c7a21
-RUN_FILES = ("config.json", "model.safetensors", "best.safetensors", "checkpoint.pt",
-             "metrics.json", "metrics.csv", "curves.png")    # what `train` writes in a run folder
-LOCK = "train.lock"   # names the process training in a run folder; removed when it ends
-
-
-def describe_run(out: str | Path) -> str | None:
-    "What the run folder `out` holds, in words ('a finished run, 3 of 3 epochs'); None: no run."
-    out = Path(out)
-    if not any((out / f).exists() for f in (*RUN_FILES, LOCK)): return None
-    try:
-        m = json.loads((out / "metrics.json").read_text())
-        done, planned = m["summary"]["epochs_done"], m["config"]["epochs"]
-    except (OSError, ValueError, KeyError, TypeError):         # no epoch finished yet, or killed
-        return "a run" if (out / "checkpoint.pt").exists() else "a run with no finished epoch"
-    return f"{'a finished' if done >= planned else 'an unfinished'} run, {done} of {planned} epochs"
-
-
-def _lock_holder(lock: Path) -> dict | None:
-    "The process a lock file names ({} if unreadable), or None without a lock file."
-    try: return json.loads(lock.read_text())
-    except FileNotFoundError: return None
-    except (OSError, ValueError): return {}
-
-
-def _running(holder: dict) -> bool:
-    "Whether the process a lock names still runs (one on another machine is assumed to)."
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid(): return False
-    if holder.get("host") != socket.gethostname() or os.name == "nt": return True
-    try: os.kill(pid, 0)                      # signal 0: only asks whether the process exists
-    except ProcessLookupError: return False
-    except PermissionError: return True       # another user's process
-    return True
-
-
-def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> Path:
-    "Check that this run may write the folder `out`, then lock it; returns the lock file."
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file, not a folder; choose another out_dir")
-    lock = out / LOCK
-    holder = _lock_holder(lock)
-    if holder is not None and _running(holder):
-        raise ValueError(f"{out} is in use by a training still running (pid {holder['pid']} on "
-                         f"{holder['host']}); wait for it to end or choose another out_dir "
-                         f"(if it has ended, delete {lock})")
-    held, gone = describe_run(out), ""
-    if holder is not None: gone = f" (its training, pid {holder.get('pid')}, is no longer running)"
-    if held is not None and not resume and not overwrite:
-        raise ValueError(f"{out} already holds {held}{gone}; pass resume=True to continue it, "
-                         "pass overwrite=True to replace it, or choose another out_dir")
-    if holder is not None:
-        print(f"note: {out}: taking over from pid {holder.get('pid')}, no longer running",
-              file=sys.stderr)
-    me = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
-                         started=time.strftime("%Y-%m-%d %H:%M:%S")))
-    try:
-        for f in RUN_FILES if overwrite else (): (out / f).unlink(missing_ok=True)
-        if holder is not None:
-            for tmp in out.glob(f".*.{holder.get('pid')}.tmp"): tmp.unlink()   # its writes
-            lock.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # fails if another run was faster
-        with os.fdopen(fd, "w") as f: f.write(me)
-    except FileExistsError:
-        raise ValueError(f"{out} was claimed by another training just now; choose another out_dir"
-                         ) from None
-    except OSError as e:
-        raise OSError(f"cannot write to the run folder {out} ({e.strerror}); "
-                      "choose another out_dir") from None
-    return lock
-
-
-def _release_run_folder(lock: Path):
-    "Remove the lock file if it is this process's."
-    if (_lock_holder(lock) or {}).get("pid") == os.getpid(): lock.unlink(missing_ok=True)
-
-# %% ../nbs/07_training.ipynb #2639b91c
-def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    "Rank, world size and device of this process; initialises torch.distributed under torchrun."
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but torch sees no CUDA GPU; use cpu or auto")
-    if world == 1: return 0, 1, torch.device(device)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world, torch.device(device)
-
-
-def _step_seed(seed: int, epoch: int, rank: int, step: int) -> int:
-    "The seed of a training step's own randomness (stochastic depth): one per rank, step and epoch."
-    return int(np.random.SeedSequence([seed, epoch, rank, step, 1]).generate_state(1)[0])
-
-
-def _rng_state() -> dict:
-    "Every random-number state, as tensors and numbers (so the checkpoint loads with weights_only)."
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda,
-            "numpy": torch.from_numpy(np_keys.astype(np.int64)),
-            "numpy_rest": (np_pos, np_has_gauss, np_gauss),
-            "python": torch.tensor(py_state, dtype=torch.int64),
-            "python_rest": (py_version, py_gauss)}
-
-
-def _set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), *s["numpy_rest"]))
-    version, gauss = s["python_rest"]
-    random.setstate((version, tuple(s["python"].tolist()), gauss))
-    if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _write_metrics(out: Path, cfg: TrainConfig, history: list[dict], summary: dict):
-    "metrics.json (config, history, summary) and metrics.csv (a row per epoch), written atomically."
-    metrics = {"config": asdict(cfg), "history": history, "summary": summary}
-    metrics = json.dumps(metrics, indent=1, allow_nan=False)      # strict JSON: no NaN, no Infinity
-    write_atomic(out / "metrics.json", lambda tmp: tmp.write_text(metrics))
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
-            w.writeheader()
-            w.writerows(history)
-    write_atomic(out / "metrics.csv", write_csv)
-
-# %% ../nbs/07_training.ipynb #ac638d9a
-def _run_data(cfg: TrainConfig, device: torch.device, rank: int, world: int):
-    "Training, validation (None without `val_split`) and test loaders, dataset info, class names."
-    train_dl, test_dl, info = get_device_loaders(
-        cfg.dataset, cfg.data_root, cfg.batch_size // world, cfg.augment, cfg.image_size,
-        device=device, seed=cfg.seed, rank=rank, world_size=world, download=cfg.download)
-    classes = get_dataset(cfg.dataset, cfg.data_root, "test", image_size=cfg.image_size).classes
-    if not cfg.val_split: return train_dl, None, test_dl, info, classes
-    try: split = stratified_split(train_dl.labels.cpu(), cfg.val_split, cfg.seed)
-    except ValueError as e: raise ValueError(f"val_split {cfg.val_split}: {e}; raise it") from None
-    keep, held = (torch.from_numpy(i).to(train_dl.images.device) for i in split)
-    x, y = train_dl.images, train_dl.labels
-    val_dl = DeviceLoader(x[held], y[held], train_dl.batch_size, info.mean, info.std)
-    train_dl = copy(train_dl)                      # the same recipe on the images that are kept
-    train_dl.images, train_dl.labels = x[keep], y[keep]
-    return train_dl, val_dl, test_dl, info, classes
-
-
-def _run_model(cfg: TrainConfig, info, model: nn.Module | None) -> tuple[nn.Module, dict]:
-    "The model to train and what config.json needs to rebuild it."
-    if model is not None:
-        return model, {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    spec = dict(name=cfg.model, num_classes=info.num_classes, image_size=info.image_size,
-                preset=cfg.preset, in_chans=info.in_chans)
-    overrides = dict(patch_size=cfg.patch_size, drop_path=cfg.drop_path, depth=cfg.depth)
-    spec |= {k: v for k, v in overrides.items() if v is not None}
-    return create_model(**spec), spec
-
-
-def _write_run_config(out: Path, cfg: TrainConfig, spec: dict, info, classes: list[str]):
-    "config.json: what rebuilds the model and its preprocessing, the training config, versions."
-    run = dict(model=spec, classes=list(classes), image_size=info.image_size,
-               in_chans=info.in_chans, mean=list(info.mean), std=list(info.std), train=asdict(cfg),
-               versions={"vitsd_nbdev": __version__, "torch": torch.__version__})
-    text = json.dumps(run, indent=1, allow_nan=False)
-    write_atomic(out / "config.json", lambda tmp: tmp.write_text(text))
-
 # %% ../nbs/07_training.ipynb #518af1b0
 def train(
     cfg: TrainConfig,
     resume: bool = False,           # continue from the checkpoint in cfg.out_dir
     stop_after: int | None = None,  # stop after this many epochs in this call (resume later)
-    progress: bool = True,          # a progress bar per epoch (throughput, loss)
+    progress: bool = True,          # progress bars (throughput, loss) when stderr is a terminal
     log: bool = True,               # print one line per epoch and a summary
     model: nn.Module | None = None, # your own model, trained in place; None: cfg.model by name
     on_epoch_end: Callable[[dict], None] | None = None,  # called with each epoch's metrics
@@ -453,21 +178,12 @@ def train(
     extend: bool = False,           # with resume: train the run to cfg.epochs, a new length
 ) -> dict:                          # summary: final and best accuracy, parameters, time, out_dir
     "Train a model by `cfg`, evaluating every `eval_every` epochs; writes the run folder out_dir."
-    if stop_after is not None and stop_after < 1:
-        raise ValueError(f"stop_after must be at least 1, got {stop_after}")
-    if resume and overwrite:
-        raise ValueError("resume=True continues the run, overwrite=True replaces it: pass one")
-    if extend and not resume:
-        raise ValueError("extend=True changes a run's length: pass resume=True too")
+    _check_call(stop_after, resume, overwrite, extend)
     created = not (dist.is_available() and dist.is_initialized())
     rank, world, device = _setup_distributed(cfg.device)
     out, lock = Path(cfg.out_dir), None
     try:
-        if cfg.batch_size % world:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-        if device.type == "cpu" and amp_dtype(device, cfg.amp) == torch.float16:
-            raise ValueError("amp=fp16 is emulated on the CPU and about 8 times slower than "
-                             "float32; use amp=bf16 or amp=off on the CPU")
+        _check_run(cfg, world, device, amp_dtype(device, cfg.amp))
         if rank == 0: lock = _claim_run_folder(out, resume, overwrite)   # before any data loads
         ckpt = _resumed(out, cfg, extend) if resume else None
         return _fit(cfg, rank, world, device, out, ckpt, stop_after, progress, log, model,
@@ -477,83 +193,46 @@ def train(
         if world > 1 and created and dist.is_initialized(): dist.destroy_process_group()
 
 
-def _resumed(out: Path, cfg: TrainConfig, extend: bool) -> dict:
-    "The checkpoint in `out`, if made with `cfg` (its folder aside; its length too with `extend`)."
-    ckpt = load_checkpoint(out / "checkpoint.pt")
-    planned = ckpt["config"]["epochs"]
-    defaults = {f.name: f.default for f in fields(TrainConfig)}  # options newer than the checkpoint
-    changed = [k for k, v in asdict(cfg).items()                   # a moved folder still resumes
-               if k != "out_dir" and ckpt["config"].get(k, defaults[k]) != v]
-    if changed == ["epochs"] and not extend:
-        raise ValueError(f"the run in {out} was planned for {planned} epochs, not {cfg.epochs}; "
-                         f"pass extend=True to train it to {cfg.epochs} epochs (the learning-rate "
-                         f"schedule is recomputed for the new length), or keep epochs={planned}")
-    if changed == ["epochs"] and cfg.epochs < ckpt["epoch"]:
-        raise ValueError(f"the run in {out} has done {ckpt['epoch']} epochs already; "
-                         f"extend it to more than that")
-    if changed and changed != ["epochs"]:
-        raise ValueError(f"the checkpoint in {out} was made with a different config "
-                         f"({', '.join(changed)}); resume with the same options")
-    return ckpt
-
-
 def _fit(cfg, rank, world, device, out, ckpt, stop_after, progress, log, model, on_epoch_end):
     "The training loop of `train`, after its checks: from a checkpoint if `ckpt`."
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    _seed_all(cfg.seed)                                 # torch, numpy and Python
     train_dl, val_dl, test_dl, info, classes = _run_data(cfg, device, rank, world)
-    model, spec = _run_model(cfg, info, model)
-    model = model.to(device)
+    model, spec = _run_model(cfg, info, model, device)
     name = cfg.model if "name" in spec else type(model).__name__
     n_params = count_params(model)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_temperature), lr=cfg.lr,
-                            fused=device.type == "cuda")      # one kernel per step on GPU
-    dtype = amp_dtype(device, cfg.amp)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_temperature)             # 2
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    dtype = amp_dtype(device, cfg.amp)                                                 # 5
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    smoothing = train_dl.augment.label_smoothing if train_dl.augment else 0.0
-    steps_per_epoch = len(train_dl)
-    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup * steps_per_epoch
+    smoothing = train_dl.augment.label_smoothing if train_dl.augment else 0.0          # 3
+    steps = len(train_dl)
+    total, warmup = cfg.epochs * steps, cfg.warmup * steps                             # 1
     history, start, elapsed = [], 0, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        history, start, elapsed = ckpt["history"], ckpt["epoch"], ckpt["elapsed"]
-        _set_rng_state(ckpt["rng"])
-    net = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile: net = torch.compile(net)
+    if ckpt is not None: history, start, elapsed = _load_state(ckpt, model, opt, scaler)  # 6
+    net = _wrap(model, cfg.compile, world, device)           # DistributedDataParallel, compile
     end = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
     best_key = "val_acc" if val_dl is not None else "test_acc"   # what chooses best.safetensors
+    bars = progress and rank == 0 and _on_terminal(sys.stderr)   # never into a log file
     if rank == 0: _write_run_config(out, cfg, spec, info, classes)
     if log and rank == 0:
-        held = f", {len(val_dl.labels)} training images held out" if val_dl is not None else ""
-        todo = (f"epochs {start + 1}-{end} of {cfg.epochs}" if start < end else
-                f"finished ({start} of {cfg.epochs} epochs), nothing to train; to train it longer, "
-                "resume with more epochs and extend")
-        print(f"{name} on {cfg.dataset} ({info.image_size}px, {info.num_classes} classes{held}): "
-              f"{n_params/1e6:.3f}M parameters, {world} x {device.type}, {dtype or torch.float32}, "
-              f"{todo}")
+        print(_start_line(name, cfg, info, val_dl, n_params, world, device, dtype, start, end))
 
     for epoch in range(start, end):
         train_dl.set_epoch(epoch)
         net.train()
         t0, seen = time.perf_counter(), 0
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        first_bad = torch.tensor(steps_per_epoch, device=device)   # step of a non-finite loss
+        first_bad = torch.tensor(steps, device=device)   # step of a non-finite loss
         shown = t0                      # the bar reads the loss (a sync) at most once a second
         bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                   disable=not progress or rank != 0)
+                   disable=not bars)
         for i, (x, y) in enumerate(bar):
-            lr = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr, cfg.min_lr)
+            lr = lr_at(epoch * steps + i, total, warmup, cfg.lr, cfg.min_lr)           # 1
             for g in opt.param_groups: g["lr"] = lr
-            torch.manual_seed(_step_seed(cfg.seed, epoch, rank, i))  # CPU and GPU generators
-            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            torch.manual_seed(_step_seed(cfg.seed, epoch, rank, i))  # stochastic depth's masks
+            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():  # 5
                 logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)       # 3, 4
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip is not None:
@@ -566,7 +245,7 @@ def _fit(cfg, rank, world, device, out, ckpt, stop_after, progress, log, model, 
             correct += (logits.argmax(1) == hard).sum()
             first_bad = torch.where(loss.detach().isfinite(), first_bad, first_bad.clamp(max=i))
             seen += len(y)
-            if progress and rank == 0 and time.perf_counter() - shown > 1:
+            if bars and time.perf_counter() - shown > 1:
                 shown = time.perf_counter()
                 speed = seen * world / (shown - t0)
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.0f}")
@@ -579,11 +258,10 @@ def _fit(cfg, rank, world, device, out, ckpt, stop_after, progress, log, model, 
         if world > 1:                   # the epoch's metrics over every process's images
             dist.all_reduce(sums)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-        if first_bad.item() < steps_per_epoch:
-            step = first_bad.item()
-            lr = lr_at(epoch * steps_per_epoch + step, total, warmup, cfg.lr, cfg.min_lr)
-            raise FloatingPointError(_diverged("the training loss", epoch, cfg, out, lr, step + 1,
-                                               steps_per_epoch))
+        if (bad := first_bad.item()) < steps:
+            lr = lr_at(epoch * steps + bad, total, warmup, cfg.lr, cfg.min_lr)
+            msg = _diverged("the training loss", epoch, cfg, out, lr, bad + 1, steps)
+            raise FloatingPointError(msg)
         loss_total, correct_total, seen = sums.tolist()
         h = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
                  train_loss=round(loss_total / seen, 5), train_acc=round(correct_total / seen, 5))
@@ -601,64 +279,13 @@ def _fit(cfg, rank, world, device, out, ckpt, stop_after, progress, log, model, 
         history.append(h)
         summary = _summary(name, cfg, history, n_params, elapsed, out, device)
         if rank == 0:
-            save_weights(model, out / "model.safetensors")
-            if improved: save_weights(model, out / "best.safetensors")
-            save_checkpoint(out / "checkpoint.pt", dict(
-                model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                epoch=epoch + 1, history=history, elapsed=elapsed, rng=_rng_state(),
-                config=asdict(cfg)))
-            _write_metrics(out, cfg, history, summary)
-            if log:
-                val = f"val acc {h['val_acc']:.2%}  " if val_dl is not None and due else ""
-                test = (f"test loss {h['test_loss']:.4f}  {val}test acc {h['test_acc']:.2%}" if due
-                        else "(not evaluated)")
-                print(f"epoch {h['epoch']:3d}/{cfg.epochs}  lr {h['lr']:.2e}  "
-                      f"train loss {h['train_loss']:.4f}  {test}  {h['img_per_s']:.0f} img/s")
+            _save_epoch(out, cfg, model, opt, scaler, history, elapsed, summary, improved)   # 6
+            if log: print(_epoch_line(h, cfg, val_dl is not None, due))
             if on_epoch_end is not None: on_epoch_end(dict(h))
     summary = _summary(name, cfg, history, n_params, elapsed, out, device)
-    if rank == 0 and history:
-        _write_metrics(out, cfg, history, summary)     # also after a kill between two writes
-        _save_curves(out, name, history)
-        if log and summary["final_acc"] is not None: print(_summary_line(summary))
+    if rank == 0 and history: _finish(out, cfg, name, history, summary, log)
     return summary
 
-
-def _diverged(what, epoch, cfg, out, lr, step=None, steps=None) -> str:
-    "One line on a non-finite loss: where, at which learning rate, what was kept, what to do."
-    where = f"in epoch {epoch + 1} of {cfg.epochs}"
-    if step: where += f", at step {step} of {steps}"
-    kept = f"{out} keeps epoch {epoch}" if epoch else "nothing was saved"
-    return (f"training stopped: {what} became NaN or infinite {where} (learning rate {lr:.3g}); "
-            f"{kept}; a learning rate too high is the usual cause: start again (overwrite=True) "
-            f"with a lower one, e.g. lr={cfg.lr / 10:g}, or with grad_clip=1")
-
-
-def _summary(name, cfg, history, n_params, elapsed, out, device) -> dict:
-    "Final test accuracy, and the test accuracy of the best epoch (chosen on validation if any)."
-    best_on = "validation" if cfg.val_split else "test"
-    key = "val_acc" if cfg.val_split else "test_acc"
-    evaluated = [h for h in history if h[key] is not None]
-    best = max(evaluated, key=lambda h: h[key]) if evaluated else {}
-    return dict(model=name, dataset=cfg.dataset, params=n_params, epochs_done=len(history),
-                final_acc=history[-1]["test_acc"] if history else None, best_on=best_on,
-                best_acc=best.get("test_acc"), best_val_acc=best.get("val_acc"),
-                best_epoch=best.get("epoch"), train_time=round(elapsed, 2), device=str(device),
-                out_dir=str(out))
-
-
-def _summary_line(s: dict) -> str:
-    if s["best_on"] == "test":
-        best = f"best on test (optimistic) {s['best_acc']:.2%} at epoch {s['best_epoch']}"
-    else:
-        best = (f"best validation epoch {s['best_epoch']} (val {s['best_val_acc']:.2%}): "
-                f"test {s['best_acc']:.2%}")
-    return (f"{s['model']}: final test accuracy {s['final_acc']:.2%}; {best}; "
-            f"{s['epochs_done']} epochs in {s['train_time']:.0f}s -> {s['out_dir']}")
-
-
-def _save_curves(out: Path, name: str, history: list[dict]):
-    import matplotlib.pyplot as plt          # headless, matplotlib falls back to Agg by itself
-    from vitsd_nbdev.viz import plot_learning_curves
-    fig = plot_learning_curves({name: history})
-    write_atomic(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
+# %% ../nbs/07_training.ipynb #81411d48
+_all_ = ["LOCK", "RUN_FILES", "describe_run", "load_checkpoint", "model_presets", "save_checkpoint",
+         "save_weights", "write_atomic"]    # moved to the appendix, importable from here as before
