@@ -35,7 +35,7 @@ def test_weight_decay_groups_follow_the_official_code_for_lsa():
     decay, no_decay = param_groups(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     nd, d = {names[id(p)] for p in no_decay["params"]}, {names[id(p)] for p in decay["params"]}
-    assert {"embed.pos_embed", "embed.cls_token", "blocks.0.norm1.weight", "head.1.bias"} <= nd
+    assert {"embed.pos_embed", "embed.cls_token", "blocks.0.norm1.weight", "head.bias"} <= nd
     assert {"blocks.0.attn.temperature.scale", "blocks.1.attn.temperature.scale"} <= d   # official: s is decayed
     assert all(p.ndim == 2 or n.endswith("temperature.scale") for n, p in m.named_parameters() if n in d)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
