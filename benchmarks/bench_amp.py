@@ -95,7 +95,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp"); tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out)
     cols = [(m, p) for m in ("train", "infer") for p in precisions]
-    print("| model | " + " | ".join(f"{p} {m}" for m, p in cols) + " |\n|---" * (len(cols) + 1) + "|")
+    print("| model | " + " | ".join(f"{p} {m}" for m, p in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
     for n, r in res["models"].items():
         print(f"| {n} | " + " | ".join(f"{r[p][m]['img_s']:.1f}" for m, p in cols) + " |")
     for k, v in res["ratios"].items(): print(f"{k:32s} train {v['train']:.2f}x  infer {v['infer']:.2f}x")
