@@ -11,15 +11,14 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import StochasticDepth
 
 from .lsa import SelfAttention
 from .patches import PatchEmbedding, PatchTokenization
 from .spt import ShiftedPatchTokenization
 
 # %% auto #0
-__all__ = ['PRESETS', 'VARIANTS', 'ADD_ON_MODELS', 'ViTConfig', 'Block', 'take_indices', 'TimmModelAPI', 'ViT', 'classifier',
-           'no_weight_decay_names', 'create_model', 'count_params', 'count_flops']
+__all__ = ['PRESETS', 'VARIANTS', 'ADD_ON_MODELS', 'ViTConfig', 'StochasticDepth', 'Block', 'take_indices', 'TimmModelAPI', 'ViT',
+           'classifier', 'no_weight_decay_names', 'create_model', 'count_params', 'count_flops']
 
 # %% ../nbs/05_vit.ipynb #451a3343
 @dataclass
@@ -87,6 +86,15 @@ PRESETS = {
 }
 
 # %% ../nbs/05_vit.ipynb #3a81d263
+class StochasticDepth(nn.Module):
+    "Drop a residual branch for a random share `p` of the samples in training (torchvision's row mode)."
+    def __init__(self, p: float): super().__init__(); self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B, ...]
+        if not self.training or self.p == 0.0: return x
+        keep = x.new_empty([x.shape[0]] + [1] * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep.div_(1.0 - self.p)
+
 class Block(nn.Module):
     "A pre-norm encoder block: attention and MLP, each a residual branch with stochastic depth."
     def __init__(self,
@@ -103,7 +111,7 @@ class Block(nn.Module):
             dim, heads, head_dim, diag_mask, learned_temperature, temperature_form)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, dim))
-        self.drop_path = StochasticDepth(drop_path, mode="row")
+        self.drop_path = StochasticDepth(drop_path)
 
     def forward(self,
                 x: torch.Tensor,              # tokens [B, N, d]
