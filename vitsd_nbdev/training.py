@@ -140,7 +140,8 @@ class TrainConfig:
     val_split: float = 0.0    # fraction of training images held out to choose the best epoch
     out_dir: str = "runs/run" # the run folder: config, weights, checkpoint, metrics, curves
 
-    def __post_init__(self):     # a wrong type or range: one line (appendix: running it for real)
+    def __post_init__(self):
+        "A wrong type or range: a one-line error (see the appendix, running it for real)."
         _check_config(self)
         amp_dtype(torch.device("meta"), self.amp)  # the name only: hardware is checked in train
 
