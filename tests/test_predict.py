@@ -112,3 +112,19 @@ def test_closed_pipe_ends_quietly(digits_run):
     assert first.startswith(f"{image}: ".encode()), first
     assert len(first) * 2000 > 2 * 65536             # more than a pipe holds: the writer must block
     assert err == b"" and status in (0, 141), (status, err.decode()[-500:])
+
+
+def test_prediction_imports_no_torchvision(digits_run, tmp_path):
+    "`vitsd-predict RUN IMAGE` at the model's size loads torch only: torchvision's import (~1 s) is cut."
+    run, _ = digits_run
+    image = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((16, 16), 128, np.uint8)).save(image)
+    code = ("import sys\nfrom vitsd_nbdev.cli import predict_main\n"
+            f"predict_main([{str(run)!r}, {str(image)!r}])\n"
+            "print('TORCHVISION', 'torchvision' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert f"{image}: " in r.stdout                                  # it did predict
+    assert r.stdout.rstrip().endswith("TORCHVISION False"), (
+        "predicting imported torchvision: a module on the prediction path imports it at module "
+        "level; import it inside the function that needs it")

@@ -201,11 +201,14 @@ class Site:
                                            encoding="utf-8")
 
 
+LAZY_NAMES = {"v2": "torchvision.transforms.v2"}   # imported inside functions by every module that uses it
+
+
 def show_doc_lazy(obj, syms):
     """show_doc's markdown for obj. show_doc evaluates the annotations of the signature in the
     module's globals; a module that imports a name inside its functions, to stay light at import
     (`-> TrainConfig`, `-> v2.Compose`), lacks it there. Such a name is borrowed, for this call only,
-    from the library module that has it as a global."""
+    from the library module that has it as a global, or else imported as `LAZY_NAMES` says."""
     from nbdev.showdoc import show_doc
     f = inspect.unwrap(obj.fget if isinstance(obj, property) else obj)
     glb = getattr(f, "__globals__", None) or vars(sys.modules[obj.__module__])
@@ -217,8 +220,9 @@ def show_doc_lazy(obj, syms):
                 if e.name in glb or e.name in added: raise
                 owners = [importlib.import_module(m) for m in syms]
                 owner = next((m for m in owners if e.name in vars(m)), None)
-                if owner is None: raise
-                glb[e.name] = vars(owner)[e.name]
+                if owner is None and e.name not in LAZY_NAMES: raise
+                glb[e.name] = (vars(owner)[e.name] if owner else
+                               importlib.import_module(LAZY_NAMES[e.name]))
                 added.append(e.name)
     finally:
         for nm in added: glb.pop(nm, None)

@@ -6,8 +6,6 @@
 from __future__ import annotations
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import v2
 
 # %% auto #0
 __all__ = ['OPS', 'magnitudes', 'apply_op', 'BatchAutoAugment']
@@ -129,6 +127,7 @@ def apply_op(
         mask = (((1 << bits) - 1) << (8 - bits)).to(torch.uint8).view(-1, 1, 1, 1)
         return x & mask.to(x.device)
     if op == "Solarize": return torch.where(x >= _per_image(255.0 * m, x), 255 - x, x)
+    import torchvision.transforms.v2.functional as TF   # torchvision only for these three ops
     if op == "AutoContrast": return TF.autocontrast(x)     # torchvision's, per image over a batch
     if op == "Equalize": return TF.equalize(x)
     if op == "Invert": return TF.invert(x)
@@ -140,6 +139,7 @@ class BatchAutoAugment:
     def __init__(self,
                  policy: str = "cifar10",  # 'cifar10', 'svhn' or 'imagenet' (torchvision's)
                 ):
+        from torchvision.transforms import v2   # torchvision when a policy is built, not at import
         names = [p.value for p in v2.AutoAugmentPolicy]
         if policy not in names:
             names = ", ".join(names)

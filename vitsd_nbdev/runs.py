@@ -31,7 +31,6 @@ from PIL import Image
 from safetensors.torch import save
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from . import __version__
 from .data import (AugmentConfig, DatasetInfo, ImageDataset, TensorImages,
@@ -129,6 +128,7 @@ def _probe(files: Sequence[str], k: int = 32) -> tuple[int, int | None]:
 
 
 def _image_folder(name: str, path: str, split: str, image_size: int | None) -> FileImages:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset  # only here
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no folder {root} (from {name!r}): expected"
