@@ -167,6 +167,8 @@ def test_bad_input():
         SwinConfig(image_size=24, patch_size=2, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8))
     with pytest.raises(ValueError, match="image size"):
         create_model("swin")(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"expected images \[B, 3, 32, 32\].*channel count"):
+        create_model("swin")(torch.randn(1, 1, 32, 32))   # a grey image: a clear error, not a matmul's
     with pytest.raises(ValueError, match=r"\[B, 64, 32\]"):
         WindowAttention(32, 2, 8, 4)(torch.randn(1, 60, 32))
 

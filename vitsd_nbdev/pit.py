@@ -17,7 +17,7 @@ from .vit import (Block, TimmModelAPI, _init_official, _rename_old_head, classif
                              take_indices)
 
 # %% auto #0
-__all__ = ['PIT_PRESETS', 'PIT_MODELS', 'PiTConfig', 'ConvPooling', 'PiT', 'create_pit']
+__all__ = ['PIT_PRESETS', 'PIT_MODELS', 'PiTConfig', 'ConvPooling', 'StagedModelAPI', 'PiT', 'create_pit']
 
 # %% ../nbs/09_pit.ipynb #c2b2bb3f
 @dataclass
@@ -120,9 +120,91 @@ class ConvPooling(nn.Module):
         if self.pointwise is not None: g = self.pointwise(g)
         return torch.cat([self.cls_proj(cls), rearrange(g, "b d h w -> b (h w) d")], dim=1)
 
+# %% ../nbs/09_pit.ipynb #f3ad17e2
+class StagedModelAPI(TimmModelAPI):
+    """timm's model API for a pyramid: `stages` of blocks with a downsampling layer between consecutive
+    stages, kept in the `nn.ModuleList` that `downsampler_name` names; one feature map per stage."""
+    downsampler_name: str  # each model sets it: "pools" in PiT, "merges" in Swin
+
+    def _check_images(self, x: torch.Tensor):
+        "A one-line error unless x is a batch of images of the model's size and channels."
+        c = self.config
+        if isinstance(x, torch.fx.Proxy): return  # torch.fx: a symbolic tensor, no sizes to check
+        want = (c.in_chans, c.image_size, c.image_size)
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"expected images [B, {c.in_chans}, {c.image_size}, {c.image_size}], "
+                             f"got {tuple(getattr(x, 'shape', ()))}; build the model for this "
+                             "image size and channel count")
+
+    def forward_features(self,
+                         x: torch.Tensor,   # images [B, C, H, W]
+                        ) -> torch.Tensor:  # tokens [B, num_prefix_tokens + N_last, d_last]
+        "All tokens after the last stage and the final norm (a class token first, if any)."
+        self._check_images(x)
+        z, down = self.embed(x), getattr(self, self.downsampler_name)
+        for s, stage in enumerate(self.stages):
+            if s: z = down[s - 1](z)
+            for block in stage: z = self._run(block, z)
+        return self.norm(z)
+
+    def forward_intermediates(
+        self, x: torch.Tensor,                   # images [B, C, H, W]
+        indices: int | list[int] | None = None,  # stages: None all, k the last k, or a list
+        norm: bool = False,                      # the final norm on the last stage's tokens
+        stop_early: bool = False,                # run no stage after the last one asked for
+        output_fmt: str = "NCHW",                # "NCHW": maps [B, d, h, w]; "NLC": [B, h*w, d]
+        intermediates_only: bool = False,        # return only the list
+    ):  # (the tokens of `forward_features`, [patch tokens after each chosen stage]), or the list
+        "The patch tokens after the chosen stages, as maps or as tokens (timm's feature API)."
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        n = len(self.stages)
+        take, last = take_indices(n, indices)
+        ran = last + 1 if stop_early else n     # stages to run
+        self._check_images(x)
+        z, feats, down = self.embed(x), [], getattr(self, self.downsampler_name)
+        for s in range(ran):
+            if s: z = down[s - 1](z)
+            for block in self.stages[s]: z = self._run(block, z)
+            if s not in take: continue
+            # the final norm is as wide as the last stage only; a class token is dropped
+            f = (self.norm(z) if norm and s == n - 1 else z)[:, self.num_prefix_tokens:]
+            g = self.config.grids[s]
+            feats.append(f.unflatten(1, (g, g)).permute(0, 3, 1, 2) if output_fmt == "NCHW" else f)
+        if intermediates_only: return feats
+        return (self.norm(z) if ran == n else z), feats
+
+    def prune_intermediate_layers(self,
+                                  indices: int | list[int] = 1,  # the stages still wanted
+                                  prune_norm: bool = False,      # drop the final norm too
+                                  prune_head: bool = True,       # drop the classifier and pooling
+                                 ) -> list[int]:                 # the kept indices
+        "Drop the stages (and downsampling layers) after the last one in `indices` (timm's API)."
+        n = len(self.stages)
+        take, last = take_indices(n, indices)
+        # in place: the lists keep train/eval mode
+        del self.stages[last + 1:], getattr(self, self.downsampler_name)[last:]
+        self.feature_info = self.feature_info[:last + 1]
+        c = self.config
+        self.config = replace(c, depths=c.depths[:last + 1], heads=c.heads[:last + 1])
+        # the final norm and the classifier are as wide as the last stage: they go with it
+        if prune_norm or last < n - 1: self.norm = nn.Identity().train(self.training)
+        if prune_head or last < n - 1: self.reset_classifier(0, "")
+        return take
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        "Layer groups for lr decay: embedding, each block (or stage), each downsampling layer."
+        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
+        # (99998,): a downsampling layer after its stage's blocks; (99999,): with the group before
+        return dict(stem=r"^embed", blocks=[(blocks, None),
+                                            (rf"^{self.downsampler_name}\.(\d+)", (99998,)),
+                                            (r"^norm", (99999,))])
+
 # %% ../nbs/09_pit.ipynb #2efdcfc2
-class PiT(TimmModelAPI, nn.Module):
+class PiT(StagedModelAPI, nn.Module):
     "Pooling-based ViT (Heo et al. 2021) for small datasets; `config.sl` makes it SL-PiT."
+    downsampler_name = "pools"  # the pooling layers between stages
+
     def __init__(self, config: PiTConfig):
         super().__init__()
         self.config = c = config
@@ -146,77 +228,6 @@ class PiT(TimmModelAPI, nn.Module):
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
         self._register_load_state_dict_pre_hook(_rename_old_head)  # head.0, head.1 -> norm, head
 
-    def _check_images(self, x: torch.Tensor):
-        "A one-line error unless x is a batch of images of the model's size and channels."
-        c = self.config
-        if isinstance(x, torch.fx.Proxy): return  # torch.fx: a symbolic tensor, no sizes to check
-        want = (c.in_chans, c.image_size, c.image_size)
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"expected images [B, {c.in_chans}, {c.image_size}, {c.image_size}], "
-                             f"got {tuple(getattr(x, 'shape', ()))}; build the model for this "
-                             "image size and channel count")
-
-    def forward_features(self,
-                         x: torch.Tensor,   # images [B, C, H, W]
-                        ) -> torch.Tensor:  # tokens [B, 1+N_last, d_last]
-        "All tokens after the last stage and the final norm, class token first."
-        self._check_images(x)
-        z = self.embed(x)
-        for s, stage in enumerate(self.stages):
-            if s: z = self.pools[s - 1](z)
-            for block in stage: z = self._run(block, z)
-        return self.norm(z)
-
-    def forward_intermediates(
-        self, x: torch.Tensor,                   # images [B, C, H, W]
-        indices: int | list[int] | None = None,  # stages: None all, k the last k, or a list
-        norm: bool = False,                      # the final norm on the last stage's tokens
-        stop_early: bool = False,                # run no stage after the last one asked for
-        output_fmt: str = "NCHW",                # "NCHW": maps [B, d, h, w]; "NLC": [B, h*w, d]
-        intermediates_only: bool = False,        # return only the list
-    ):  # (the tokens of `forward_features`, [patch tokens after each chosen stage]), or the list
-        "The patch tokens after the chosen stages, as maps or as tokens (timm's feature API)."
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        n = len(self.stages)
-        take, last = take_indices(n, indices)
-        ran = last + 1 if stop_early else n     # stages to run
-        self._check_images(x)
-        z, feats = self.embed(x), []
-        for s in range(ran):
-            if s: z = self.pools[s - 1](z)
-            for block in self.stages[s]: z = self._run(block, z)
-            if s not in take: continue
-            # the final norm is as wide as the last stage only; the class token is dropped
-            f = (self.norm(z) if norm and s == n - 1 else z)[:, 1:]
-            g = self.config.grids[s]
-            feats.append(f.unflatten(1, (g, g)).permute(0, 3, 1, 2) if output_fmt == "NCHW" else f)
-        if intermediates_only: return feats
-        return (self.norm(z) if ran == n else z), feats
-
-    def prune_intermediate_layers(self,
-                                  indices: int | list[int] = 1,  # the stages still wanted
-                                  prune_norm: bool = False,      # drop the final norm too
-                                  prune_head: bool = True,       # drop the classifier and pooling
-                                 ) -> list[int]:                 # the kept indices
-        "Drop the stages (and pooling layers) after the last one in `indices` (timm's API)."
-        n = len(self.stages)
-        take, last = take_indices(n, indices)
-        del self.stages[last + 1:], self.pools[last:]  # in place: the lists keep train/eval mode
-        self.feature_info = self.feature_info[:last + 1]
-        c = self.config
-        self.config = replace(c, depths=c.depths[:last + 1], heads=c.heads[:last + 1])
-        # the final norm and the classifier are as wide as the last stage: they go with it
-        if prune_norm or last < n - 1: self.norm = nn.Identity().train(self.training)
-        if prune_head or last < n - 1: self.reset_classifier(0, "")
-        return take
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        "Parameter groups for layer-wise lr decay: embedding, each block (or stage), each pooling."
-        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
-        # (99998,): a pooling layer after its stage's blocks; (99999,): with the group before
-        return dict(stem=r"^embed", blocks=[(blocks, None), (r"^pools\.(\d+)", (99998,)),
-                                            (r"^norm", (99999,))])
 
 def _init_pit(m: nn.Module):
     "The official initialisation (`vit._init_official`), with Xavier-normal convolutions too."

@@ -5,7 +5,7 @@
 # %% ../nbs/09a_swin.ipynb #39e69f74
 from __future__ import annotations
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -14,7 +14,8 @@ from torch import nn
 from .lsa import LearnedTemperature, attention_weights, locality_attention
 from .patches import PatchEmbedding, PatchTokenization, patchify
 from .spt import ShiftedPatchTokenization, SPTPooling
-from .vit import Block, TimmModelAPI, classifier, take_indices
+from .pit import StagedModelAPI
+from .vit import Block, classifier
 
 # %% auto #0
 __all__ = ['SWIN_VARIANTS', 'SWIN_PRESETS', 'SwinConfig', 'window_partition', 'window_reverse', 'relative_position_index',
@@ -75,6 +76,11 @@ class SwinConfig:
 
     @property
     def grid(self) -> int: return self.image_size // self.patch_size
+
+    @property
+    def grids(self) -> list[int]:
+        "Side of the token grid in each stage, e.g. [16, 8, 4]."
+        return [s["grid"] for s in self.stages]
 
     @property
     def stages(self) -> list[dict]:
@@ -305,9 +311,10 @@ SWIN_PRESETS = {  # None (no preset) is the paper's model
     "tiny": dict(patch_size=2, embed_dim=32, depths=(2, 2), heads=(2, 4), drop_path=0.0),
 }
 
-class Swin(TimmModelAPI, nn.Module):
+class Swin(StagedModelAPI, nn.Module):
     "A small Swin Transformer (Liu et al. 2021) as in the paper; `config.sl` makes it SL-Swin."
-    num_prefix_tokens = 0  # no class token: every token is a patch token
+    num_prefix_tokens = 0        # no class token: every token is a patch token
+    downsampler_name = "merges"  # the patch mergings between stages
 
     def __init__(self, config: SwinConfig):
         super().__init__()
@@ -335,65 +342,6 @@ class Swin(TimmModelAPI, nn.Module):
         self.feature_info = [dict(module=f"stages.{i}", num_chs=s["dim"],
                                   reduction=c.image_size // s["grid"])
                              for i, s in enumerate(c.stages)]
-
-    def forward_features(self,
-                         x: torch.Tensor,   # images [B, C, H, W]
-                        ) -> torch.Tensor:  # tokens [B, N_last, d_last]
-        "The tokens after the last stage and the final norm."
-        z = self.embed(x)
-        for i, stage in enumerate(self.stages):
-            if i: z = self.merges[i - 1](z)
-            for block in stage: z = self._run(block, z)
-        return self.norm(z)
-
-    def forward_intermediates(
-        self, x: torch.Tensor,                   # images [B, C, H, W]
-        indices: int | list[int] | None = None,  # stages: None all, k the last k, or a list
-        norm: bool = False,                      # the final norm on the last stage's tokens
-        stop_early: bool = False,                # run no stage after the last one asked for
-        output_fmt: str = "NCHW",                # "NCHW": maps [B, d, h, w]; "NLC": [B, h*w, d]
-        intermediates_only: bool = False,        # return only the list
-    ):  # (the tokens of `forward_features`, [tokens after each chosen stage]), or the list
-        "The tokens after the chosen stages, as maps or as tokens (timm's feature API)."
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        n = len(self.stages)
-        take, last = take_indices(n, indices)
-        ran = last + 1 if stop_early else n     # stages to run
-        z, feats = self.embed(x), []
-        for i in range(ran):
-            if i: z = self.merges[i - 1](z)
-            for block in self.stages[i]: z = self._run(block, z)
-            if i not in take: continue
-            f = self.norm(z) if norm and i == n - 1 else z  # the final norm fits the last stage
-            g = self.config.stages[i]["grid"]
-            feats.append(f.unflatten(1, (g, g)).permute(0, 3, 1, 2) if output_fmt == "NCHW" else f)
-        if intermediates_only: return feats
-        return (self.norm(z) if ran == n else z), feats
-
-    def prune_intermediate_layers(self,
-                                  indices: int | list[int] = 1,  # the stages still wanted
-                                  prune_norm: bool = False,      # drop the final norm too
-                                  prune_head: bool = True,       # drop the classifier and pooling
-                                 ) -> list[int]:                 # the kept indices
-        "Drop the stages (and patch mergings) after the last one in `indices` (timm's API)."
-        n = len(self.stages)
-        take, last = take_indices(n, indices)
-        del self.stages[last + 1:], self.merges[last:]  # in place: the lists keep train/eval mode
-        self.feature_info = self.feature_info[:last + 1]
-        c = self.config
-        self.config = replace(c, depths=c.depths[:last + 1], heads=c.heads[:last + 1])
-        # the final norm and the classifier are as wide as the last stage: they go with it
-        if prune_norm or last < n - 1: self.norm = nn.Identity().train(self.training)
-        if prune_head or last < n - 1: self.reset_classifier(0, "")
-        return take
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        "Parameter groups for layer-wise lr decay: embedding, each block (or stage), each merging."
-        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
-        # (99998,): a merging layer after its stage's blocks; (99999,): with the group before
-        return dict(stem=r"^embed", blocks=[(blocks, None), (r"^merges\.(\d+)", (99998,)),
-                                            (r"^norm", (99999,))])
 
 def create_swin(
     name: str,                  # "swin" or "sl_swin"
