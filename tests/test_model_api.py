@@ -73,8 +73,8 @@ def stage_shapes(m, size):
     "Expected [d, h, w] after each block (ViT) or stage (PiT, Swin), from the model's config."
     c = m.config
     if hasattr(c, "depth"): return [(c.dim, size // c.patch_size, size // c.patch_size)] * c.depth
-    if hasattr(c, "grids"): return [(d, g, g) for d, g in zip(c.dims, c.grids)]
-    return [(s["dim"], s["grid"], s["grid"]) for s in c.stages]
+    if hasattr(c, "stages"): return [(s["dim"], s["grid"], s["grid"]) for s in c.stages]  # Swin
+    return [(d, g, g) for d, g in zip(c.dims, c.grids)]
 
 
 @pytest.mark.parametrize("name,size", API)
