@@ -126,6 +126,11 @@ class StagedModelAPI(TimmModelAPI):
     stages, kept in the `nn.ModuleList` that `downsampler_name` names; one feature map per stage."""
     downsampler_name: str  # each model sets it: "pools" in PiT, "merges" in Swin
 
+    @property
+    def _downsamplers(self) -> nn.ModuleList:
+        "The layers between consecutive stages: PiT's `pools`, Swin's `merges`."
+        return getattr(self, self.downsampler_name)
+
     def _check_images(self, x: torch.Tensor):
         "A one-line error unless x is a batch of images of the model's size and channels."
         c = self.config
@@ -141,9 +146,9 @@ class StagedModelAPI(TimmModelAPI):
                         ) -> torch.Tensor:  # tokens [B, num_prefix_tokens + N_last, d_last]
         "All tokens after the last stage and the final norm (a class token first, if any)."
         self._check_images(x)
-        z, down = self.embed(x), getattr(self, self.downsampler_name)
+        z = self.embed(x)
         for s, stage in enumerate(self.stages):
-            if s: z = down[s - 1](z)
+            if s: z = self._downsamplers[s - 1](z)
             for block in stage: z = self._run(block, z)
         return self.norm(z)
 
@@ -162,9 +167,9 @@ class StagedModelAPI(TimmModelAPI):
         take, last = take_indices(n, indices)
         ran = last + 1 if stop_early else n     # stages to run
         self._check_images(x)
-        z, feats, down = self.embed(x), [], getattr(self, self.downsampler_name)
+        z, feats = self.embed(x), []
         for s in range(ran):
-            if s: z = down[s - 1](z)
+            if s: z = self._downsamplers[s - 1](z)
             for block in self.stages[s]: z = self._run(block, z)
             if s not in take: continue
             # the final norm is as wide as the last stage only; a class token is dropped
@@ -182,8 +187,7 @@ class StagedModelAPI(TimmModelAPI):
         "Drop the stages (and downsampling layers) after the last one in `indices` (timm's API)."
         n = len(self.stages)
         take, last = take_indices(n, indices)
-        # in place: the lists keep train/eval mode
-        del self.stages[last + 1:], getattr(self, self.downsampler_name)[last:]
+        del self.stages[last + 1:], self._downsamplers[last:]  # in place: they keep train/eval mode
         self.feature_info = self.feature_info[:last + 1]
         c = self.config
         self.config = replace(c, depths=c.depths[:last + 1], heads=c.heads[:last + 1])
@@ -227,7 +231,6 @@ class PiT(StagedModelAPI, nn.Module):
         self.apply(_init_pit)
         nn.init.normal_(self.embed.cls_token); nn.init.normal_(self.embed.pos_embed)
         self._register_load_state_dict_pre_hook(_rename_old_head)  # head.0, head.1 -> norm, head
-
 
 def _init_pit(m: nn.Module):
     "The official initialisation (`vit._init_official`), with Xavier-normal convolutions too."
